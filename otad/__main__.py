@@ -1,0 +1,3 @@
+from otad.cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""The ``otad`` command: the only reader of argv and the environment; maps failures to exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from otad import __version__
+from otad.config import KEYS, ConfigError, Settings, load_settings, read_toml
+from otad.errors import OtadError, StartupError
+
+# Flags every command takes (admin commands open the same database as serve).
+_COMMON_KEYS = ("data_dir", "log_level")
+
+
+def _param(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _settings_options(paths: tuple[str, ...]):
+    """click options generated from config.KEYS, so a flag always matches its TOML key and env var."""
+    def decorate(command):
+        for key in reversed([key for key in KEYS if key.path in paths]):
+            if key.parse.__name__ == "_parse_bool":
+                negative = "--no-" + key.flag[2:]
+                option = click.option(f"{key.flag}/{negative}", _param(key.path), default=None,
+                                      help=f"[{key.path}, {key.env}]")
+            else:
+                option = click.option(key.flag, _param(key.path), default=None, metavar="VALUE",
+                                      help=f"[{key.path}, {key.env}] default: {key.default!r}")
+            command = option(command)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                            envvar="OTAD_CONFIG", help="TOML config file [OTAD_CONFIG]")(command)
+    return decorate
+
+
+common_options = _settings_options(_COMMON_KEYS)
+server_options = _settings_options(tuple(key.path for key in KEYS))
+
+
+def _settings(config_file: Path | None, params: dict[str, Any]) -> Settings:
+    flags = {path: params.get(_param(path)) for path in (key.path for key in KEYS)}
+    document = read_toml(config_file) if config_file else {}
+    return load_settings(document, dict(os.environ), flags)
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd, journald stamps each line itself.
+    under_systemd = "INVOCATION_ID" in os.environ or "JOURNAL_STREAM" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    if level != "debug":
+        # amqtt logs every connection at INFO: thousands of devices would drown the journal.
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("tortoise").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"otad: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro) -> Any:
+    """Run an async command; known failures become one line on stderr and a non-zero exit."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except StartupError as exc:
+        _fail(str(exc))
+    except OtadError as exc:
+        _fail(exc.message)
+
+
+def _load(config_file: Path | None, params: dict[str, Any]) -> Settings:
+    try:
+        return _settings(config_file, params)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable: _fail exits
+
+
+@click.group()
+@click.version_option(__version__, prog_name="otad")
+def main() -> None:
+    """otad: OTA update daemon with an embedded MQTT broker."""
+
+
+@main.command()
+@server_options
+def serve(config_file: Path | None, **params: Any) -> None:
+    """Run the daemon: MQTT broker and HTTP API in one process."""
+    from otad.daemon import serve as serve_daemon
+
+    settings = _load(config_file, params)
+    _setup_logging(settings.log_level)
+    _run(serve_daemon(settings))
+
+
+@main.command("check-config")
+@server_options
+def check_config(config_file: Path | None, **params: Any) -> None:
+    """Validate the configuration and print the effective settings, without starting."""
+    settings = _load(config_file, params)
+    click.echo(f"data_dir = {settings.data_dir}")
+    click.echo(f"http = {settings.http.host}:{settings.http.port}, mqtt = {settings.mqtt.host}:{settings.mqtt.port}")
+    click.echo(f"allow_anonymous = {settings.mqtt.allow_anonymous}, max_upload_size = {settings.http.max_upload_size}")
+    click.echo(f"public_url = {settings.public_url or '(from the request Host header)'}")
+    click.echo("configuration OK")
+
+
+async def _with_services(settings: Settings, action):
+    """Open the database (the daemon may be running: SQLite WAL) and run ``action(services)``."""
+    from otad.daemon import open_database
+    from otad.firmware import FirmwareStore
+    from otad.service import build_services
+
+    async with open_database(settings):
+        # Local admin commands never publish; the daemon restores pending commands when it starts.
+        services = build_services(FirmwareStore(settings.firmware_dir), _NoPublisher(), settings.http.max_upload_size)
+        return await action(services)
+
+
+class _NoPublisher:
+    async def send_command(self, device_name: str, payload: bytes) -> None:
+        raise StartupError("upgrades are enabled through the running daemon's HTTP API")
+
+    async def keep_command(self, device_name: str, payload: bytes) -> None:
+        pass
+
+    async def clear_command(self, device_name: str) -> None:
+        pass
+
+
+@main.group()
+def token() -> None:
+    """Admin API tokens."""
+
+
+@token.command("create")
+@click.argument("name")
+@common_options
+def token_create(name: str, config_file: Path | None, **params: Any) -> None:
+    """Create a token; the secret is printed once, as the last line of stdout."""
+    secret = _run(_with_services(_load(config_file, params), lambda s: s.admins.create_token(name)))
+    click.echo(f"created token '{name}'; it is shown only now:", err=True)
+    click.echo(secret)
+
+
+@token.command("list")
+@common_options
+def token_list(config_file: Path | None, **params: Any) -> None:
+    """List token names (secrets are stored hashed and cannot be shown)."""
+    tokens = _run(_with_services(_load(config_file, params), lambda s: s.admins.list_tokens()))
+    for record in tokens:
+        click.echo(f"{record.name}\tcreated {record.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@token.command("revoke")
+@click.argument("name")
+@common_options
+def token_revoke(name: str, config_file: Path | None, **params: Any) -> None:
+    """Delete a token; requests using it are refused from then on."""
+    _run(_with_services(_load(config_file, params), lambda s: s.admins.revoke_token(name)))
+    click.echo(f"revoked token '{name}'")
+
+
+@main.group()
+def user() -> None:
+    """Admin users (for POST /api/v2/login)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password", help="the password (prompted for when omitted)")
+@common_options
+def user_add(name: str, password: str | None, config_file: Path | None, **params: Any) -> None:
+    """Add a user who can log in over HTTP."""
+    settings = _load(config_file, params)
+    if password is None:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    _run(_with_services(settings, lambda s: s.admins.add_user(name, password)))
+    click.echo(f"added user '{name}'")
+
+
+@main.group()
+def device() -> None:
+    """The device registry."""
+
+
+@device.command("add")
+@click.argument("name")
+@click.option("--product-id", required=True, help="the device's product id (an integer)")
+@common_options
+def device_add(name: str, product_id: str, config_file: Path | None, **params: Any) -> None:
+    """Register a device; its MQTT password is printed once, as the last line of stdout."""
+    added = _run(_with_services(_load(config_file, params),
+                                lambda s: s.devices.add({"deviceName": name, "productId": product_id})))
+    click.echo(f"added device '{name}' (product {added[0].product_id}); MQTT username is the device name, "
+               "password shown only now:", err=True)
+    click.echo(added[0].password)

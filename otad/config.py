@@ -1,0 +1,289 @@
+"""Settings: defaults < TOML file < ``OTAD_*`` environment < CLI flags, merged once.
+
+``load_settings`` is pure: it takes the parsed TOML document, an environment mapping and the flags
+that were given, and returns a frozen ``Settings`` tree or raises ``ConfigError`` naming the key.
+Every key lives in ``KEYS`` exactly once, so the TOML name, the environment variable and the flag
+can never drift apart; ``config.example.toml`` documents the same table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str
+    port: int
+    max_upload_size: int
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    allow_anonymous: bool
+    session_expiry_interval: int
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    always_http_200: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    log_level: str
+    public_url: str
+    http: HttpSettings
+    mqtt: MqttSettings
+    api: ApiSettings
+
+    @property
+    def firmware_dir(self) -> Path:
+        return self.data_dir / "firmware"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "otad.sqlite3"
+
+
+# --- value parsers: each takes the raw value (TOML-typed or a string) and returns the typed value ---
+
+def _parse_port(raw: Any) -> int:
+    value = _parse_int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a port between 1 and 65535 (got {raw!r})")
+    return value
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"must be an integer (got {raw!r})")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+        return int(raw)
+    raise ValueError(f"must be an integer (got {raw!r})")
+
+
+def _parse_positive_int(raw: Any) -> int:
+    value = _parse_int(raw)
+    if value <= 0:
+        raise ValueError(f"must be a positive integer (got {raw!r})")
+    return value
+
+
+def _parse_positive_float(raw: Any) -> float:
+    try:
+        value = float(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value <= 0:
+        raise ValueError(f"must be a positive number of seconds (got {raw!r})")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError(f"must be true or false (got {raw!r})")
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _parse_size(raw: Any) -> int:
+    """Bytes as an integer, or a string such as ``"200MB"``, ``"1GiB"`` or ``"512M"``."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(raw))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"must be a size in bytes such as 1073741824, '200MB' or '1GiB' (got {raw!r})")
+        value = int(match.group(1)) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"must be a positive size (got {raw!r})")
+    return value
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parse_log_level(raw: Any) -> str:
+    value = str(raw).strip().lower()
+    if value not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)} (got {raw!r})")
+    return value
+
+
+def _parse_public_url(raw: Any) -> str:
+    value = str(raw).strip().rstrip("/")
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"must be an http(s) base URL such as http://gateway.local:8080 (got {raw!r})")
+    return value
+
+
+def _parse_host(raw: Any) -> str:
+    value = str(raw).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _parse_path(raw: Any) -> Path:
+    value = str(raw).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return Path(value).expanduser()
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """systemd's ``StateDirectory=`` when run as a unit, else the user's XDG data dir."""
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "share")
+    return Path(base).expanduser() / "otad"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its TOML path (``section.name``), its parser and default."""
+
+    path: str
+    parse: Callable[[Any], Any]
+    default: Any
+
+    @property
+    def _public_name(self) -> str:
+        # http.host and mqtt.host would collide as OTAD_HOST: hosts and ports keep their section.
+        section, _, name = self.path.rpartition(".")
+        return f"{section}_{name}" if name in ("host", "port") else name
+
+    @property
+    def env(self) -> str:
+        return "OTAD_" + self._public_name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self._public_name.replace("_", "-")
+
+
+# The defaults here are the documented ones; config.example.toml repeats them with a reason each.
+KEYS: tuple[Key, ...] = (
+    Key("data_dir", _parse_path, None),  # None: default_data_dir(env)
+    Key("log_level", _parse_log_level, "info"),
+    Key("public_url", _parse_public_url, ""),
+    Key("http.host", _parse_host, "0.0.0.0"),
+    Key("http.port", _parse_port, 8080),
+    Key("http.max_upload_size", _parse_size, 1024**3),
+    Key("http.shutdown_timeout", _parse_positive_float, 10.0),
+    Key("mqtt.host", _parse_host, "0.0.0.0"),
+    Key("mqtt.port", _parse_port, 1883),
+    Key("mqtt.allow_anonymous", _parse_bool, False),
+    Key("mqtt.session_expiry_interval", _parse_positive_int, 7 * 24 * 3600),
+    Key("api.always_http_200", _parse_bool, False),
+)
+_KEYS_BY_PATH = {key.path: key for key in KEYS}
+
+
+ENV_NAMES = {key.path: key.env for key in KEYS}
+FLAG_NAMES = {key.path: key.flag for key in KEYS}
+
+
+def _flatten_toml(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"http": {"port": 1}}`` -> ``{"http.port": 1}``; unknown keys raise ConfigError."""
+    flat: dict[str, Any] = {}
+    for name, value in document.items():
+        if isinstance(value, dict):
+            for sub_name, sub_value in value.items():
+                path = f"{name}.{sub_name}"
+                if path not in _KEYS_BY_PATH:
+                    raise ConfigError(f"config file: unknown key '{path}'")
+                flat[path] = sub_value
+        elif name in _KEYS_BY_PATH:
+            flat[name] = value
+        else:
+            raise ConfigError(f"config file: unknown key '{name}'")
+    return flat
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse the TOML config file; an unreadable or malformed file raises ConfigError."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+
+
+def load_settings(
+    document: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults, the TOML document, ``OTAD_*`` variables and flags (keyed by TOML path)."""
+    env = dict(os.environ) if env is None else env
+    from_file = _flatten_toml(document or {})
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        sources = (
+            (f"{FLAG_NAMES[key.path]}", (flags or {}).get(key.path)),
+            (f"environment {ENV_NAMES[key.path]}", env.get(ENV_NAMES[key.path])),
+            (f"config file key '{key.path}'", from_file.get(key.path)),
+        )
+        origin, raw = next(((o, r) for o, r in sources if r is not None), ("default", key.default))
+        if raw is None:
+            values[key.path] = None
+            continue
+        try:
+            values[key.path] = key.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    data_dir = values["data_dir"] or default_data_dir(env)
+    return Settings(
+        data_dir=data_dir,
+        log_level=values["log_level"],
+        public_url=values["public_url"],
+        http=HttpSettings(
+            host=values["http.host"],
+            port=values["http.port"],
+            max_upload_size=values["http.max_upload_size"],
+            shutdown_timeout=values["http.shutdown_timeout"],
+        ),
+        mqtt=MqttSettings(
+            host=values["mqtt.host"],
+            port=values["mqtt.port"],
+            allow_anonymous=values["mqtt.allow_anonymous"],
+            session_expiry_interval=values["mqtt.session_expiry_interval"],
+        ),
+        api=ApiSettings(always_http_200=values["api.always_http_200"]),
+    )

@@ -1,0 +1,129 @@
+"""The composition root: builds store -> service -> broker -> HTTP, and owns start and stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+
+from aiohttp import web
+
+from otad import systemd
+from otad.config import Settings
+from otad.errors import StartupError
+from otad.firmware import FirmwareStore
+from otad.http.app import create_app
+from otad.mqtt.access import AccessPolicy
+from otad.mqtt.server import EmbeddedBroker
+from otad.service import Services, build_services
+from otad.store.database import Database
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create the data directory and prove it is writable, or raise one clear StartupError."""
+    try:
+        settings.firmware_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data directory {settings.data_dir} is not writable: {exc.strerror or exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings):
+    """The database alone, for the local admin commands (token, user, device) and the daemon."""
+    prepare_data_dir(settings)
+    database = Database(settings.database_path)
+    try:
+        await database.open()
+    except Exception as exc:
+        await database.close()
+        raise StartupError(f"cannot open database {settings.database_path}: {exc}") from None
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+class Daemon:
+    """One otad: the database, the embedded broker and the HTTP server, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services: Services | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._broker = EmbeddedBroker(settings.mqtt)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    @property
+    def http_port(self) -> int:
+        assert self._runner is not None
+        return self._runner.addresses[0][1]
+
+    @property
+    def mqtt_port(self) -> int:
+        return self._broker.port
+
+    async def start(self) -> None:
+        """Start every component in order; on failure, stop what started and raise StartupError."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        settings = self.settings
+        await self._stack.enter_async_context(open_database(settings))
+        firmware = FirmwareStore(settings.firmware_dir)
+        firmware.prepare()
+        self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size)
+        firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
+
+        await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous))
+        self._stack.push_async_callback(self._broker.stop)
+        restored = await services.upgrades.restore_pending()
+        if restored:
+            log.info("restored the pending OTA command of %d device(s)", restored)
+
+        self._runner = web.AppRunner(create_app(services, settings), shutdown_timeout=settings.http.shutdown_timeout)
+        await self._runner.setup()
+        self._stack.push_async_callback(self._runner.cleanup)
+        site = web.TCPSite(self._runner, settings.http.host, settings.http.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {settings.http.host}:{settings.http.port}: "
+                               f"{exc.strerror or exc}") from None
+        log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then broker and database."""
+        await self._stack.aclose()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down within a bounded time."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(settings)
+    await daemon.start()
+    systemd.notify("READY=1")
+    systemd.notify(f"STATUS=serving HTTP on {daemon.http_port}, MQTT on {daemon.mqtt_port}")
+    log.info("otad ready")
+    await stop.wait()
+    log.info("stopping")
+    systemd.notify("STOPPING=1")
+    try:
+        await asyncio.wait_for(daemon.stop(), timeout=settings.http.shutdown_timeout + 10)
+    except TimeoutError:
+        log.error("shutdown did not finish in time; exiting anyway")
+    log.info("stopped")

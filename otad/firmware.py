@@ -1,0 +1,107 @@
+"""The firmware file store: streamed writes with hashing, atomic rename, safe names.
+
+Files are named ``<uuid4><ext>`` and live flat in one directory. A name is only ever turned into a
+path after it matched ``STORED_NAME``, so no request can reach a file outside that directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import aiofiles
+import aiofiles.os
+
+from otad.errors import MissingInput, TooLarge
+
+log = logging.getLogger(__name__)
+
+STORED_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.[a-z0-9]{1,10}")
+_TEMP_DIR = ".incoming"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    file_name: str
+    size: int
+    md5: str
+    sha256: str
+
+
+def stored_extension(original_name: str | None) -> str:
+    """The original file's extension, lowercased and reduced to ``[a-z0-9]``; ``.bin`` if none is left."""
+    # Browsers and curl on Windows may send a full path: keep only the last component of either kind.
+    base = PureWindowsPath(PurePosixPath(original_name or "").name).name
+    suffix = re.sub(r"[^a-z0-9]", "", PurePosixPath(base).suffix.lower())[:10]
+    return f".{suffix}" if suffix else ".bin"
+
+
+class FirmwareStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._incoming = directory / _TEMP_DIR
+
+    def prepare(self) -> None:
+        """Create the directories and drop partial uploads left by a crash."""
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        for leftover in self._incoming.iterdir():
+            log.warning("removing partial upload left from an earlier run: %s", leftover.name)
+            leftover.unlink(missing_ok=True)
+
+    def sweep_orphans(self, known: set[str]) -> None:
+        """Remove stored files that no package references (a crash between rename and insert)."""
+        for entry in self.directory.iterdir():
+            if entry.is_file() and STORED_NAME.fullmatch(entry.name) and entry.name not in known:
+                log.warning("removing firmware file with no package: %s", entry.name)
+                entry.unlink(missing_ok=True)
+
+    def path_of(self, file_name: str) -> Path | None:
+        """The path of a stored file, or None for any name that is not a stored name."""
+        if not STORED_NAME.fullmatch(file_name):
+            return None
+        return self.directory / file_name
+
+    async def receive(self, chunks: AsyncIterator[bytes], original_name: str | None, max_size: int) -> StoredFile:
+        """Stream ``chunks`` to a temp file, hashing on the way, then rename it into place.
+
+        Raises MissingInput for an empty file and TooLarge past ``max_size``; either way, and on any
+        other failure, nothing is left on disk.
+        """
+        file_name = f"{uuid.uuid4()}{stored_extension(original_name)}"
+        temp_path = self._incoming / f"{file_name}.part"
+        md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
+        try:
+            async with aiofiles.open(temp_path, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_size:
+                        raise TooLarge(f"文件过大: the upload exceeds the limit of {max_size} bytes")
+                    # hashlib releases the GIL on large buffers: hashing beside the write keeps the
+                    # event loop free for other requests during a long upload.
+                    await asyncio.gather(asyncio.to_thread(_update, md5, sha256, chunk), out.write(chunk))
+                if size == 0:
+                    raise MissingInput("参数缺失: the uploaded file is empty")
+                await out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
+            await aiofiles.os.replace(temp_path, self.directory / file_name)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(temp_path.unlink, missing_ok=True))
+            raise
+        return StoredFile(file_name=file_name, size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest())
+
+    async def discard(self, file_name: str) -> None:
+        path = self.path_of(file_name)
+        if path is not None:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+def _update(md5: "hashlib._Hash", sha256: "hashlib._Hash", chunk: bytes) -> None:
+    md5.update(chunk)
+    sha256.update(chunk)

@@ -1,0 +1,1 @@
+"""The aiohttp adapter: thin handlers over the service layer."""

@@ -1,0 +1,99 @@
+"""The admin API: login, packages, devices, push upgrades."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import BodyPartReader, web
+
+from otad.errors import InvalidInput, MissingInput, TooLarge
+from otad.http.auth import public
+from otad.http.envelope import ok, read_json
+from otad.http.keys import SERVICES
+from otad.http.views import device_view, enabled_view, new_device_view, package_view
+
+routes = web.RouteTableDef()
+
+_CHUNK = 1024 * 1024
+# Multipart framing around the file: a little over the limit is still a legal upload.
+_MULTIPART_SLACK = 64 * 1024
+
+
+@routes.post("/api/v2/login")
+@public
+async def login(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidInput('参数无效: expected {"username", "password"}')
+    return ok(await request.app[SERVICES].admins.login(body.get("username"), body.get("password")))
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_CHUNK):
+        yield chunk
+
+
+async def _file_part(request: web.Request) -> BodyPartReader:
+    if not request.content_type.startswith("multipart/"):
+        raise MissingInput("参数缺失: send the firmware as multipart form field 'file'")
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name == "file":
+                return part
+            await part.release()
+    except ValueError as exc:  # aiohttp's multipart parser reports malformed framing as ValueError
+        raise InvalidInput(f"参数无效: malformed multipart body: {exc}") from None
+    raise MissingInput("参数缺失: multipart form field 'file'")
+
+
+@routes.post("/api/v2/otaUpload")
+async def ota_upload(request: web.Request) -> web.Response:
+    packages = request.app[SERVICES].packages
+    query = request.rel_url.query
+    name, product_id = await packages.check_new(query.get("name"), query.get("productId"))
+    if request.content_length is not None and request.content_length > packages.max_upload_size + _MULTIPART_SLACK:
+        raise TooLarge(f"文件过大: the upload exceeds the limit of {packages.max_upload_size} bytes")
+    part = await _file_part(request)
+    package = await packages.upload(
+        name=name, product_id=product_id, original_name=part.filename, chunks=_part_chunks(part),
+        version=query.get("version"), description=query.get("description"),
+    )
+    return ok(package_view(package))
+
+
+@routes.get("/api/v2/otaList")
+async def ota_list(request: web.Request) -> web.Response:
+    return ok([package_view(package) for package in await request.app[SERVICES].packages.list()])
+
+
+@routes.delete("/api/v2/otaDelete")
+async def ota_delete(request: web.Request) -> web.Response:
+    await request.app[SERVICES].packages.delete(request.rel_url.query.get("id"))
+    return ok()
+
+
+@routes.post("/api/v2/otaEnable")
+async def ota_enable(request: web.Request) -> web.Response:
+    query = request.rel_url.query
+    upgrade = await request.app[SERVICES].upgrades.enable(query.get("name"), query.get("deviceName"))
+    return ok([enabled_view(upgrade.package, upgrade.version)])
+
+
+@routes.post("/api/v2/devices")
+async def devices_add(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    added = await request.app[SERVICES].devices.add(body)
+    views = [new_device_view(device) for device in added]
+    return ok(views if isinstance(body, list) else views[0])
+
+
+@routes.get("/api/v2/devices")
+async def devices_list(request: web.Request) -> web.Response:
+    return ok([device_view(device) for device in await request.app[SERVICES].devices.list()])
+
+
+@routes.delete("/api/v2/devices")
+async def devices_delete(request: web.Request) -> web.Response:
+    await request.app[SERVICES].devices.delete(request.rel_url.query.get("deviceName"))
+    return ok()

@@ -1,0 +1,22 @@
+"""The aiohttp application factory: middlewares, state and the route table."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from otad.config import Settings
+from otad.http import admin_routes, download
+from otad.http.auth import auth_middleware
+from otad.http.envelope import ALWAYS_HTTP_200, envelope_middleware
+from otad.http.keys import SERVICES
+from otad.service import Services
+
+
+def create_app(services: Services, settings: Settings) -> web.Application:
+    # Uploads are streamed and limited by the service; client_max_size bounds the JSON bodies only.
+    app = web.Application(middlewares=[envelope_middleware, auth_middleware], client_max_size=16 * 1024 * 1024)
+    app[SERVICES] = services
+    app[ALWAYS_HTTP_200] = settings.api.always_http_200
+    app.add_routes(admin_routes.routes)
+    app.add_routes(download.routes)
+    return app

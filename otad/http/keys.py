@@ -1,0 +1,9 @@
+"""Application state keys (aiohttp ``AppKey``s) shared by the route modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from otad.service import Services
+
+SERVICES = web.AppKey("services", Services)

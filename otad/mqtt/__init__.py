@@ -1,0 +1,1 @@
+"""The amqtt adapter. Every amqtt import in otad lives in this package."""

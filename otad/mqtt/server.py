@@ -1,0 +1,89 @@
+"""The embedded broker as a daemon component: its listening socket, its lifecycle, and the
+``Publisher`` the service uses to reach devices in-process (no loopback MQTT client)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+
+from otad.config import MqttSettings
+from otad.errors import StartupError
+from otad.mqtt.access import AccessPolicy
+from otad.mqtt.broker import OtaBroker
+from otad.mqtt.topics import ota_command_topic
+
+log = logging.getLogger(__name__)
+
+_LISTENER = "default"
+
+
+def broker_config(settings: MqttSettings) -> dict:
+    return {
+        # We own the TCP socket (see EmbeddedBroker.start) and hand connections to amqtt, so a port
+        # in use is our own clear error and the accept path is ours to guard.
+        "listeners": {_LISTENER: {"type": "external", "bind": f"{settings.host}:{settings.port}"}},
+        "plugins": {},  # access control is OtaBroker + AccessPolicy, not amqtt plugins
+        # Sessions of clients that never come back would otherwise accumulate forever.
+        "session_expiry_interval": settings.session_expiry_interval,
+    }
+
+
+class EmbeddedBroker:
+    def __init__(self, settings: MqttSettings) -> None:
+        self._settings = settings
+        self._broker: OtaBroker | None = None
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self, policy: AccessPolicy) -> None:
+        self._broker = OtaBroker(broker_config(self._settings), policy)
+        await self._broker.start()
+        try:
+            self._server = await asyncio.start_server(
+                self._on_connection, self._settings.host, self._settings.port, reuse_address=True)
+        except OSError as exc:
+            await self._broker.shutdown()
+            raise StartupError(f"cannot listen for MQTT on {self._settings.host}:{self._settings.port}: "
+                               f"{exc.strerror or exc}") from None
+        log.info("MQTT broker listening on %s:%d", self._settings.host, self.port)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._broker is not None
+        try:
+            await self._broker.external_connected(StreamReaderAdapter(reader), StreamWriterAdapter(writer), _LISTENER)
+        except Exception:
+            # One client's failure must never reach asyncio's default handler or other clients.
+            log.exception("MQTT connection from %s ended with an error", writer.get_extra_info("peername"))
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    # --- Publisher ---
+
+    async def send_command(self, device_name: str, payload: bytes) -> None:
+        assert self._broker is not None
+        await self._broker.replace_command(ota_command_topic(device_name), payload, send=True)
+
+    async def keep_command(self, device_name: str, payload: bytes) -> None:
+        assert self._broker is not None
+        await self._broker.replace_command(ota_command_topic(device_name), payload, send=False)
+
+    async def clear_command(self, device_name: str) -> None:
+        assert self._broker is not None
+        await self._broker.replace_command(ota_command_topic(device_name), None, send=False)

@@ -1,0 +1,34 @@
+"""The OTA use cases. Nothing here knows about HTTP, MQTT, the CLI or the ORM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otad.firmware import FirmwareStore
+from otad.service.admins import AdminAuth
+from otad.service.devices import DeviceRegistry
+from otad.service.packages import PackageCatalog
+from otad.service.ports import Publisher
+from otad.service.upgrades import UpgradeService
+
+
+@dataclass(frozen=True)
+class Services:
+    """Every use case, built once by the composition root and handed to the adapters."""
+
+    admins: AdminAuth
+    devices: DeviceRegistry
+    packages: PackageCatalog
+    upgrades: UpgradeService
+    firmware: FirmwareStore
+
+
+def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int) -> Services:
+    devices = DeviceRegistry(publisher)
+    return Services(
+        admins=AdminAuth(),
+        devices=devices,
+        packages=PackageCatalog(firmware, publisher, max_upload_size),
+        upgrades=UpgradeService(devices, publisher),
+        firmware=firmware,
+    )

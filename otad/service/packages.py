@@ -1,0 +1,78 @@
+"""Firmware packages: upload, list, delete."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from otad.errors import Conflict, NotFound
+from otad.firmware import FirmwareStore
+from otad.service.ports import Publisher
+from otad.service.states import OPEN_STATES, UpgradeState
+from otad.service.validation import check_package_name, optional_text, parse_int
+from otad.store import repo
+from otad.store.records import PackageRecord
+
+log = logging.getLogger(__name__)
+
+
+class PackageCatalog:
+    def __init__(self, firmware: FirmwareStore, publisher: Publisher, max_upload_size: int) -> None:
+        self._firmware = firmware
+        self._publisher = publisher
+        self._max_upload_size = max_upload_size
+
+    @property
+    def max_upload_size(self) -> int:
+        return self._max_upload_size
+
+    async def check_new(self, name: object, product_id: object) -> tuple[str, int]:
+        """Validate an upload's parameters before its body is read, so a bad one costs nothing."""
+        name, product_id = check_package_name(name), parse_int(product_id, "productId")
+        if await repo.find_package(product_id, name) is not None:
+            raise Conflict(f"参数无效: product {product_id} already has a package named '{name}'")
+        return name, product_id
+
+    async def upload(
+        self, *, name: str, product_id: int, original_name: str | None, chunks: AsyncIterator[bytes],
+        version: str | None = None, description: str | None = None,
+    ) -> PackageRecord:
+        """Store the file and record the package; on any failure neither file nor row remains."""
+        name, product_id = await self.check_new(name, product_id)
+        version = optional_text(version, "version", 128)
+        description = optional_text(description, "description", 4096)
+        stored = await self._firmware.receive(chunks, original_name, self._max_upload_size)
+        try:
+            package = await repo.insert_package(
+                product_id=product_id, name=name, file_name=stored.file_name,
+                original_name=(original_name or stored.file_name)[-255:], size=stored.size, md5=stored.md5,
+                sha256=stored.sha256, version=version, description=description,
+            )
+        except repo.Duplicate:
+            await self._firmware.discard(stored.file_name)
+            raise Conflict(f"参数无效: product {product_id} already has a package named '{name}'") from None
+        except BaseException:
+            await self._firmware.discard(stored.file_name)
+            raise
+        log.info("package %d '%s' (product %d) stored as %s, %d bytes, md5 %s",
+                 package.id, name, product_id, stored.file_name, stored.size, stored.md5)
+        return package
+
+    async def list(self) -> list[PackageRecord]:
+        return await repo.list_packages()
+
+    async def find_by_file(self, file_name: str) -> PackageRecord | None:
+        return await repo.find_package_by_file(file_name)
+
+    async def delete(self, raw_id: object) -> None:
+        """Delete a package and its file; upgrades still pointing at it are cancelled."""
+        package_id = parse_int(raw_id, "id")
+        package = await repo.find_package_by_id(package_id)
+        if package is None:
+            raise NotFound(f"参数无效: no package with id {package_id}")
+        devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED)
+        for device_name in devices:
+            await self._publisher.clear_command(device_name)
+        await repo.delete_package(package.id)
+        await self._firmware.discard(package.file_name)
+        log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, len(devices))

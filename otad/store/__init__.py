@@ -1,0 +1,1 @@
+"""Persistence: tortoise models, the database lifecycle and repository functions."""

@@ -1,0 +1,71 @@
+"""Opening and closing the SQLite database, creating or migrating its schema."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tortoise.context import TortoiseContext
+
+from otad.store.models import SchemaVersion
+
+log = logging.getLogger(__name__)
+
+# Bump when the models change, and add the step to _MIGRATIONS.
+SCHEMA_VERSION = 1
+# version -> SQL statements that bring a database of version-1 up to version.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+
+class Database:
+    """Owns one Tortoise context bound to one SQLite file.
+
+    Tortoise 1.x keeps its state per async context; entering ours in the task that starts the daemon
+    makes every task created from it (HTTP handlers, broker callbacks) see the same connections.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._context: TortoiseContext | None = None
+
+    async def open(self) -> None:
+        self._context = TortoiseContext()
+        self._context.__enter__()
+        await self._context.init(config={
+            "connections": {"default": {
+                "engine": "tortoise.backends.sqlite",
+                # WAL lets the CLI's admin commands write while the daemon runs; busy_timeout makes
+                # a writer wait for the other's lock instead of failing at once.
+                "credentials": {"file_path": str(self.path), "journal_mode": "WAL", "busy_timeout": 5000},
+            }},
+            "apps": {"models": {"models": ["otad.store.models"], "default_connection": "default"}},
+        })
+        await self._context.generate_schemas(safe=True)
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        row = await SchemaVersion.first()
+        current = row.version if row else SCHEMA_VERSION  # a fresh database was just created current
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"database {self.path} has schema version {current}, newer than this otad "
+                               f"understands ({SCHEMA_VERSION}); upgrade otad")
+        conn = self._context.connections.get("default")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            log.info("migrating database schema to version %d", version)
+            for statement in _MIGRATIONS[version]:
+                await conn.execute_script(statement)
+        if row is None:
+            await SchemaVersion.create(id=1, version=SCHEMA_VERSION)
+        elif row.version != SCHEMA_VERSION:
+            row.version = SCHEMA_VERSION
+            await row.save()
+
+    async def close(self) -> None:
+        if self._context is None:
+            return
+        context, self._context = self._context, None
+        await context.close_connections()
+        try:
+            context.__exit__(None, None, None)
+        except ValueError:
+            pass  # closed from another task than the one that opened it: nothing to restore there

@@ -1,0 +1,89 @@
+"""Tortoise models: the database schema. Only ``otad.store`` imports these."""
+
+from __future__ import annotations
+
+from tortoise import fields
+from tortoise.models import Model
+
+
+class SchemaVersion(Model):
+    """One row: the schema version this database was created or last migrated to."""
+
+    id = fields.IntField(primary_key=True)
+    version = fields.IntField()
+
+    class Meta:
+        table = "schema_version"
+
+
+class ApiToken(Model):
+    """An admin API token, stored as the sha256 of the secret. Login tokens expire; CLI tokens do not."""
+
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=128, unique=True)
+    token_hash = fields.CharField(max_length=64, unique=True)
+    kind = fields.CharField(max_length=16)  # "api" (otad token create) or "login" (POST /api/v2/login)
+    expires_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "api_token"
+
+
+class User(Model):
+    id = fields.IntField(primary_key=True)
+    username = fields.CharField(max_length=128, unique=True)
+    password_hash = fields.CharField(max_length=255)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "user"
+
+
+class Device(Model):
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=128, unique=True)
+    product_id = fields.BigIntField(db_index=True)
+    password_hash = fields.CharField(max_length=64)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "device"
+
+
+class Package(Model):
+    id = fields.IntField(primary_key=True)
+    product_id = fields.BigIntField()
+    name = fields.CharField(max_length=255)
+    file_name = fields.CharField(max_length=64, unique=True)
+    original_name = fields.CharField(max_length=255)
+    size = fields.BigIntField()
+    md5 = fields.CharField(max_length=32)
+    sha256 = fields.CharField(max_length=64)
+    version = fields.CharField(max_length=128, null=True)
+    description = fields.TextField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "package"
+        unique_together = (("product_id", "name"),)
+
+
+class Upgrade(Model):
+    """One enabled upgrade of one device. ``file_name`` and ``md5`` are copied from the package so the
+    command a device was sent can be rebuilt exactly, even after a restart."""
+
+    id = fields.IntField(primary_key=True)
+    version = fields.CharField(max_length=36, unique=True)
+    device = fields.ForeignKeyField("models.Device", related_name="upgrades", on_delete=fields.CASCADE)
+    # SET_NULL: deleting a package keeps the history of what devices were told.
+    package = fields.ForeignKeyField("models.Package", related_name="upgrades", on_delete=fields.SET_NULL,
+                                     null=True)
+    file_name = fields.CharField(max_length=64)
+    md5 = fields.CharField(max_length=32)
+    state = fields.CharField(max_length=16, db_index=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "upgrade"

@@ -1,0 +1,57 @@
+"""Plain records the store hands to the service, so no ORM object leaves ``otad.store``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    name: str
+    kind: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    id: int
+    username: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: int
+    name: str
+    product_id: int
+    password_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    id: int
+    product_id: int
+    name: str
+    file_name: str
+    original_name: str
+    size: int
+    md5: str
+    sha256: str
+    version: str | None
+    description: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UpgradeRecord:
+    id: int
+    version: str
+    device_name: str
+    package_id: int | None
+    file_name: str
+    md5: str
+    state: str
+    created_at: datetime

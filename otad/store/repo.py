@@ -1,0 +1,179 @@
+"""Repository functions: every query the service needs, returning plain records.
+
+Integrity errors never leave this module as tortoise exceptions: a unique clash is ``Duplicate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from otad.store.models import ApiToken, Device, Package, Upgrade, User
+from otad.store.records import DeviceRecord, PackageRecord, TokenRecord, UpgradeRecord, UserRecord
+
+
+class Duplicate(Exception):
+    """A row with the same unique key exists."""
+
+
+def _token(row: ApiToken) -> TokenRecord:
+    return TokenRecord(name=row.name, kind=row.kind, created_at=row.created_at, expires_at=row.expires_at)
+
+
+def _device(row: Device) -> DeviceRecord:
+    return DeviceRecord(id=row.id, name=row.name, product_id=row.product_id,
+                        password_hash=row.password_hash, created_at=row.created_at)
+
+
+def _package(row: Package) -> PackageRecord:
+    return PackageRecord(
+        id=row.id, product_id=row.product_id, name=row.name, file_name=row.file_name,
+        original_name=row.original_name, size=row.size, md5=row.md5, sha256=row.sha256,
+        version=row.version, description=row.description, created_at=row.created_at,
+    )
+
+
+def _upgrade(row: Upgrade, device_name: str) -> UpgradeRecord:
+    return UpgradeRecord(id=row.id, version=row.version, device_name=device_name, package_id=row.package_id,
+                         file_name=row.file_name, md5=row.md5, state=row.state, created_at=row.created_at)
+
+
+# --- admin tokens and users ---
+
+async def insert_token(name: str, token_hash: str, kind: str, expires_at: datetime | None) -> None:
+    try:
+        await ApiToken.create(name=name, token_hash=token_hash, kind=kind, expires_at=expires_at)
+    except IntegrityError:
+        raise Duplicate(name) from None
+
+
+async def find_token(token_hash: str) -> TokenRecord | None:
+    row = await ApiToken.get_or_none(token_hash=token_hash)
+    return _token(row) if row else None
+
+
+async def list_tokens(kind: str) -> list[TokenRecord]:
+    return [_token(row) for row in await ApiToken.filter(kind=kind).order_by("name")]
+
+
+async def delete_token(name: str) -> bool:
+    return await ApiToken.filter(name=name).delete() > 0
+
+
+async def delete_expired_tokens(now: datetime) -> int:
+    return await ApiToken.filter(expires_at__lt=now).delete()
+
+
+async def insert_user(username: str, password_hash: str) -> None:
+    try:
+        await User.create(username=username, password_hash=password_hash)
+    except IntegrityError:
+        raise Duplicate(username) from None
+
+
+async def find_user(username: str) -> UserRecord | None:
+    row = await User.get_or_none(username=username)
+    return UserRecord(id=row.id, username=row.username, password_hash=row.password_hash) if row else None
+
+
+# --- devices ---
+
+async def insert_devices(rows: Iterable[tuple[str, int, str]]) -> None:
+    """Insert ``(name, product_id, password_hash)`` rows all or nothing."""
+    rows = list(rows)
+    names = [name for name, _, _ in rows]
+    async with in_transaction():
+        taken = await Device.filter(name__in=names).values_list("name", flat=True)
+        if taken:
+            raise Duplicate(", ".join(sorted(taken)))
+        try:
+            await Device.bulk_create(
+                [Device(name=name, product_id=product_id, password_hash=hashed) for name, product_id, hashed in rows],
+                batch_size=500,
+            )
+        except IntegrityError:
+            raise Duplicate(", ".join(names)) from None
+
+
+async def find_device(name: str) -> DeviceRecord | None:
+    row = await Device.get_or_none(name=name)
+    return _device(row) if row else None
+
+
+async def list_devices() -> list[DeviceRecord]:
+    return [_device(row) for row in await Device.all().order_by("id")]
+
+
+async def delete_device(name: str) -> bool:
+    return await Device.filter(name=name).delete() > 0
+
+
+# --- packages ---
+
+async def insert_package(
+    *, product_id: int, name: str, file_name: str, original_name: str, size: int, md5: str, sha256: str,
+    version: str | None, description: str | None,
+) -> PackageRecord:
+    try:
+        row = await Package.create(
+            product_id=product_id, name=name, file_name=file_name, original_name=original_name, size=size,
+            md5=md5, sha256=sha256, version=version, description=description,
+        )
+    except IntegrityError:
+        raise Duplicate(name) from None
+    return _package(row)
+
+
+async def find_package(product_id: int, name: str) -> PackageRecord | None:
+    row = await Package.get_or_none(product_id=product_id, name=name)
+    return _package(row) if row else None
+
+
+async def find_package_by_id(package_id: int) -> PackageRecord | None:
+    row = await Package.get_or_none(id=package_id)
+    return _package(row) if row else None
+
+
+async def find_package_by_file(file_name: str) -> PackageRecord | None:
+    row = await Package.get_or_none(file_name=file_name)
+    return _package(row) if row else None
+
+
+async def list_packages() -> list[PackageRecord]:
+    return [_package(row) for row in await Package.all().order_by("id")]
+
+
+async def delete_package(package_id: int) -> bool:
+    return await Package.filter(id=package_id).delete() > 0
+
+
+# --- upgrades ---
+
+async def record_upgrade(*, version: str, device_id: int, package: PackageRecord, state: str,
+                         superseded_state: str, open_states: Iterable[str]) -> None:
+    """Insert a new upgrade and mark the device's earlier open upgrades superseded, in one transaction."""
+    async with in_transaction():
+        await Upgrade.filter(device_id=device_id, state__in=list(open_states)).update(state=superseded_state)
+        await Upgrade.create(version=version, device_id=device_id, package_id=package.id,
+                             file_name=package.file_name, md5=package.md5, state=state)
+
+
+async def set_upgrade_state(version: str, state: str) -> None:
+    await Upgrade.filter(version=version).update(state=state)
+
+
+async def open_upgrades(open_states: Iterable[str]) -> list[UpgradeRecord]:
+    """Every upgrade in one of ``open_states``, oldest first, with its device's name."""
+    rows = await Upgrade.filter(state__in=list(open_states)).order_by("id").prefetch_related("device")
+    return [_upgrade(row, row.device.name) for row in rows]
+
+
+async def close_upgrades_of_package(package_id: int, open_states: Iterable[str], state: str) -> list[str]:
+    """Set the open upgrades of a package to ``state``; return the affected device names."""
+    async with in_transaction():
+        rows = await Upgrade.filter(package_id=package_id, state__in=list(open_states)).prefetch_related("device")
+        await Upgrade.filter(id__in=[row.id for row in rows]).update(state=state)
+    return [row.device.name for row in rows]
