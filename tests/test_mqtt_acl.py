@@ -1,0 +1,95 @@
+"""MQTT security: devices authenticate and use only /oc/devices/{own name}/#."""
+
+from __future__ import annotations
+
+from tests.conftest import make_settings, start_otad
+from tests.mqtt_device import MqttDevice
+
+REFUSED = 0x80
+NOT_AUTHORIZED = 5
+
+
+async def test_device_may_subscribe_below_its_own_root(otad):
+    device = otad.device("dev1", await otad.add_device("dev1", 1))
+    assert await device.connect() == 0
+    assert await device.subscribe("/oc/devices/dev1/sys/ota") == [1]
+    assert await device.subscribe("/oc/devices/dev1/#") == [1]
+    assert await device.subscribe("/oc/devices/dev1/+/ota", qos=0) == [0]
+    await device.close()
+
+
+async def test_subscribing_outside_own_topics_is_refused(otad):
+    await otad.add_device("dev2", 1)
+    device = otad.device("dev1", await otad.add_device("dev1", 1))
+    assert await device.connect() == 0
+    for topic in ("/oc/devices/dev2/sys/ota", "/oc/devices/dev2/#", "/oc/#", "#", "/oc/devices/+/sys/ota",
+                  "+/devices/dev1/sys/ota", "/oc/devices/dev1x/sys/ota", "$SYS/#"):
+        assert await device.subscribe(topic) == [REFUSED], topic
+    await device.close()
+
+
+async def test_publish_to_another_devices_topic_is_dropped(otad):
+    dev1 = otad.device("dev1", await otad.add_device("dev1", 1))
+    dev2 = otad.device("dev2", await otad.add_device("dev2", 1))
+    assert await dev1.connect() == 0 and await dev2.connect() == 0
+    assert await dev2.subscribe("/oc/devices/dev2/#") == [1]
+    await dev1.publish("/oc/devices/dev2/sys/ota", b'{"fileName":"evil.bin"}')
+    await dev2.publish("/oc/devices/dev2/sys/properties/report", b"own")
+    message = await dev2.next_message()
+    assert message.payload == b"own"  # its own publish arrives, dev1's forged one never did
+    assert await dev2.no_message(within=0.5)
+    await dev1.close()
+    await dev2.close()
+
+
+async def test_wrong_password_unknown_device_and_anonymous_are_refused(otad):
+    await otad.add_device("dev1", 1)
+    assert await otad.device("dev1", "wrong-password").connect() == NOT_AUTHORIZED
+    assert await otad.device("nobody", "whatever").connect() == NOT_AUTHORIZED
+    assert await MqttDevice(otad.mqtt_port, None, None, client_id="anon").connect() == NOT_AUTHORIZED
+    # The daemon keeps serving the right device after refusing the others.
+    assert await otad.device("dev1", "wrong").connect() == NOT_AUTHORIZED
+    assert await otad.device("dev1", None).connect() == NOT_AUTHORIZED
+
+
+async def test_deleted_device_can_no_longer_log_in(otad):
+    password = await otad.add_device("dev1", 1)
+    status, _ = await otad.request("DELETE", "/api/v2/devices", params={"deviceName": "dev1"})
+    assert status == 200
+    assert await otad.device("dev1", password).connect() == NOT_AUTHORIZED
+
+
+async def test_a_device_cannot_take_over_another_devices_session(otad):
+    password1 = await otad.add_device("dev1", 1)
+    password2 = await otad.add_device("dev2", 1)
+    owner = MqttDevice(otad.mqtt_port, "dev1", password1, client_id="shared-id", clean_session=False)
+    assert await owner.connect() == 0
+    assert await owner.subscribe("/oc/devices/dev1/sys/ota") == [1]
+    await owner.close()
+    await otad.upload("fw", 1, b"fw")
+    await otad.enable("fw", "dev1")  # queued in dev1's offline session
+
+    thief = MqttDevice(otad.mqtt_port, "dev2", password2, client_id="shared-id", clean_session=False)
+    assert await thief.connect() == NOT_AUTHORIZED
+    wiper = MqttDevice(otad.mqtt_port, "dev2", password2, client_id="shared-id", clean_session=True)
+    assert await wiper.connect() == NOT_AUTHORIZED
+
+    owner = MqttDevice(otad.mqtt_port, "dev1", password1, client_id="shared-id", clean_session=False)
+    assert await owner.connect() == 0
+    assert b'"fileName"' in (await owner.next_message()).payload  # the session and its queue survived
+    await owner.close()
+
+
+async def test_anonymous_clients_are_accepted_only_in_lab_mode(tmp_path):
+    lab = await start_otad(make_settings(tmp_path / "lab", **{"mqtt.allow_anonymous": True}))
+    try:
+        anonymous = MqttDevice(lab.mqtt_port, None, None, client_id="anon")
+        assert await anonymous.connect() == 0
+        assert await anonymous.subscribe("/oc/devices/dev1/sys/ota") == [1]
+        await anonymous.close()
+        # Credentials, when given, are still checked in lab mode.
+        await lab.add_device("dev1", 1)
+        assert await lab.device("dev1", "wrong").connect() == NOT_AUTHORIZED
+    finally:
+        await lab.session.close()
+        await lab.daemon.stop()
