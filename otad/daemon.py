@@ -15,6 +15,7 @@ from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import FirmwareStore
 from otad.http.app import create_app
+from otad.http.inflight import InFlight
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
@@ -60,6 +61,7 @@ class Daemon:
         self._broker = EmbeddedBroker(settings.mqtt)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._inflight = InFlight()
 
     @property
     def http_port(self) -> int:
@@ -92,16 +94,25 @@ class Daemon:
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
 
-        self._runner = web.AppRunner(create_app(services, settings), shutdown_timeout=settings.http.shutdown_timeout)
+        app = create_app(services, settings, self._inflight)
+        self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout)
         await self._runner.setup()
-        self._stack.push_async_callback(self._runner.cleanup)
-        site = web.TCPSite(self._runner, settings.http.host, settings.http.port, reuse_address=True)
+        self._stack.push_async_callback(self._stop_http)
+        self._site = web.TCPSite(self._runner, settings.http.host, settings.http.port, reuse_address=True)
         try:
-            await site.start()
+            await self._site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen for HTTP on {settings.http.host}:{settings.http.port}: "
                                f"{exc.strerror or exc}") from None
         log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
+
+    async def _stop_http(self) -> None:
+        assert self._runner is not None
+        if self._site is not None:
+            await self._site.stop()  # no new connections
+            if not await self._inflight.wait_idle(self.settings.http.shutdown_timeout):
+                log.warning("requests still running after %.0f s; closing them", self.settings.http.shutdown_timeout)
+        await self._runner.cleanup()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then broker and database."""

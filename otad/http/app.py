@@ -8,13 +8,15 @@ from otad.config import Settings
 from otad.http import admin_routes, download
 from otad.http.auth import auth_middleware
 from otad.http.envelope import ALWAYS_HTTP_200, envelope_middleware
+from otad.http.inflight import InFlight
 from otad.http.keys import SERVICES
 from otad.service import Services
 
 
-def create_app(services: Services, settings: Settings) -> web.Application:
+def create_app(services: Services, settings: Settings, inflight: InFlight) -> web.Application:
     # Uploads are streamed and limited by the service; client_max_size bounds the JSON bodies only.
-    app = web.Application(middlewares=[envelope_middleware, auth_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[inflight.middleware, envelope_middleware, auth_middleware],
+                          client_max_size=16 * 1024 * 1024)
     app[SERVICES] = services
     app[ALWAYS_HTTP_200] = settings.api.always_http_200
     app.add_routes(admin_routes.routes)

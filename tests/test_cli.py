@@ -1,0 +1,155 @@
+"""The otad command as an operator runs it: a subprocess, real signals, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import aiohttp
+
+from tests.conftest import free_port
+from tests.mqtt_device import MqttDevice
+
+
+def otad_cli(data_dir, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "otad", *args, "--data-dir", str(data_dir)], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def test_token_create_list_revoke(tmp_path):
+    created = otad_cli(tmp_path, "token", "create", "ci")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert len(secret) >= 32
+    assert "ci" in otad_cli(tmp_path, "token", "list").stdout
+    assert secret not in otad_cli(tmp_path, "token", "list").stdout  # stored hashed, never shown again
+    duplicate = otad_cli(tmp_path, "token", "create", "ci")
+    assert duplicate.returncode != 0 and "exists" in duplicate.stderr
+    assert otad_cli(tmp_path, "token", "revoke", "ci").returncode == 0
+    assert "ci" not in otad_cli(tmp_path, "token", "list").stdout
+    assert otad_cli(tmp_path, "token", "revoke", "ci").returncode != 0
+
+
+async def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            assert loop.time() < deadline, "daemon did not start listening"
+            await asyncio.sleep(0.1)
+
+
+def _serve(data_dir, http_port: int, mqtt_port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "otad", "serve", "--data-dir", str(data_dir), "--http-host", "127.0.0.1",
+         "--http-port", str(http_port), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port), *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+async def test_serve_runs_admin_commands_alongside_and_stops_on_sigterm(tmp_path):
+    http_port, mqtt_port = free_port(), free_port()
+    process = _serve(tmp_path, http_port, mqtt_port)
+    try:
+        await _wait_for_port(http_port, process)
+        await _wait_for_port(mqtt_port, process)
+        # Local admin commands work while the daemon runs, and the daemon sees their effect at once.
+        token = (await asyncio.to_thread(otad_cli, tmp_path, "token", "create", "live")).stdout.splitlines()[-1]
+        added = await asyncio.to_thread(otad_cli, tmp_path, "device", "add", "dev1", "--product-id", "3")
+        assert added.returncode == 0, added.stderr
+        password = added.stdout.splitlines()[-1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{http_port}/api/v2/devices",
+                                headers={"Authorization": token}) as response:
+                body = await response.json()
+        assert [(d["deviceName"], d["productId"]) for d in body["data"]] == [("dev1", 3)]
+        device = MqttDevice(mqtt_port, "dev1", password)
+        assert await device.connect() == 0
+        await device.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+async def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
+    http_port, mqtt_port = free_port(), free_port()
+    token = otad_cli(tmp_path, "token", "create", "t").stdout.splitlines()[-1]
+    process = _serve(tmp_path, http_port, mqtt_port)
+    try:
+        await _wait_for_port(http_port, process)
+
+        async def slow_body():
+            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                yield b"q" * 10_000
+            yield b"\r\n--B--\r\n"
+
+        async with aiohttp.ClientSession() as http:
+            upload = asyncio.create_task(http.post(
+                f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=slow_body(),
+                headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"}))
+            await asyncio.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            response = await upload
+            assert response.status == 200
+            assert (await response.json())["data"]["size"] == 100_000
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.communicate, timeout=30)
+    assert process.returncode == 0
+
+
+def test_port_in_use_is_one_clear_line_and_non_zero_exit(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, other in (("--http-port", "--mqtt-port"), ("--mqtt-port", "--http-port")):
+            result = subprocess.run(
+                [sys.executable, "-m", "otad", "serve", "--data-dir", str(tmp_path), "--http-host", "127.0.0.1",
+                 "--mqtt-host", "127.0.0.1", flag, str(port), other, str(free_port()), "--log-level", "error"],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert result.returncode != 0
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and str(port) in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_unwritable_data_dir_is_one_clear_line_and_non_zero_exit(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "otad", "serve", "--data-dir", str(blocker / "data"), "--http-port", str(free_port()),
+         "--mqtt-port", str(free_port()), "--http-host", "127.0.0.1", "--mqtt-host", "127.0.0.1"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not writable" in lines[0], result.stderr
+
+
+def test_device_add_prints_password_last_and_user_add_takes_password(tmp_path):
+    added = otad_cli(tmp_path, "device", "add", "gw-1", "--product-id", "12")
+    assert added.returncode == 0
+    assert len(added.stdout.splitlines()[-1]) >= 32
+    bad = otad_cli(tmp_path, "device", "add", "gw/2", "--product-id", "12")
+    assert bad.returncode != 0 and "deviceName" in bad.stderr
+    assert otad_cli(tmp_path, "user", "add", "admin", "--password", "pw-123").returncode == 0
+
+
+def test_env_configures_admin_commands_too(tmp_path):
+    env = {**os.environ, "OTAD_DATA_DIR": str(tmp_path / "from-env")}
+    result = subprocess.run([sys.executable, "-m", "otad", "token", "create", "e"], capture_output=True, text=True,
+                            timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0
+    assert (tmp_path / "from-env" / "otad.sqlite3").exists()
