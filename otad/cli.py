@@ -136,7 +136,10 @@ class _NoPublisher:
         pass
 
     async def clear_command(self, device_name: str) -> None:
-        pass
+        pass  # the daemon restores only open upgrades at start, so nothing stale is kept
+
+    async def forget_device(self, device_name: str) -> None:
+        pass  # a running daemon refuses the deleted device's next login
 
 
 @main.group()

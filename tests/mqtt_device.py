@@ -29,6 +29,8 @@ class MqttDevice:
         self.client.on_connect = lambda c, u, flags, rc, p: self._connack.put(_V5_TO_V311.get(rc.value, rc.value))
         self.client.on_message = lambda c, u, message: self.messages.put(message)
         self.client.on_subscribe = self._on_subscribe
+        self.disconnected = threading.Event()
+        self.client.on_disconnect = lambda c, u, flags, rc, p: self.disconnected.set()
         # A refused device must not sit in paho's reconnect loop for the rest of the test.
         self.client.reconnect_delay_set(min_delay=30, max_delay=30)
 

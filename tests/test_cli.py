@@ -153,3 +153,32 @@ def test_env_configures_admin_commands_too(tmp_path):
                             timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0
     assert (tmp_path / "from-env" / "otad.sqlite3").exists()
+
+
+async def test_ready_is_notified_to_systemd_once_both_listeners_are_up(tmp_path):
+    notify_path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(notify_path)
+    receiver.settimeout(20)
+    http_port, mqtt_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "otad", "serve", "--data-dir", str(tmp_path / "d"), "--http-host", "127.0.0.1",
+         "--http-port", str(http_port), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port)],
+        env={**os.environ, "NOTIFY_SOCKET": notify_path}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = (await asyncio.to_thread(receiver.recv, 4096)).decode()
+        assert first == "READY=1"
+        for port in (http_port, mqtt_port):  # both accept connections by the time READY=1 was sent
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        process.send_signal(signal.SIGTERM)
+        messages = []
+        while "STOPPING=1" not in messages:
+            messages.append((await asyncio.to_thread(receiver.recv, 4096)).decode())
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.communicate, timeout=30)
+        receiver.close()
+    assert process.returncode == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.conftest import make_settings, start_otad
 from tests.mqtt_device import MqttDevice
 
@@ -52,10 +54,14 @@ async def test_wrong_password_unknown_device_and_anonymous_are_refused(otad):
     assert await otad.device("dev1", None).connect() == NOT_AUTHORIZED
 
 
-async def test_deleted_device_can_no_longer_log_in(otad):
+async def test_deleted_device_is_disconnected_and_can_no_longer_log_in(otad):
     password = await otad.add_device("dev1", 1)
+    connected = otad.device("dev1", password)
+    assert await connected.connect() == 0
     status, _ = await otad.request("DELETE", "/api/v2/devices", params={"deviceName": "dev1"})
     assert status == 200
+    assert await asyncio.to_thread(connected.disconnected.wait, 5)
+    await connected.close()
     assert await otad.device("dev1", password).connect() == NOT_AUTHORIZED
 
 

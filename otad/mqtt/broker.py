@@ -150,6 +150,13 @@ class OtaBroker(Broker):
             # than amqtt's forced QoS, which would override a QoS 0 subscription.
             await self.internal_message_broadcast(topic, payload, None)
 
+    async def end_sessions_of(self, username: str) -> int:
+        """Disconnect and discard every session (live or persistent) logged in as ``username``."""
+        ended = [client_id for client_id, (session, _) in self._sessions.items() if session.username == username]
+        for client_id in ended:
+            await self._cleanup_session(client_id)
+        return len(ended)
+
 
 def _drop_queued(session: Session, topic: str) -> None:
     queue = session.retained_messages

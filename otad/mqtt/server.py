@@ -87,3 +87,9 @@ class EmbeddedBroker:
     async def clear_command(self, device_name: str) -> None:
         assert self._broker is not None
         await self._broker.replace_command(ota_command_topic(device_name), None, send=False)
+
+    async def forget_device(self, device_name: str) -> None:
+        assert self._broker is not None
+        await self.clear_command(device_name)
+        if ended := await self._broker.end_sessions_of(device_name):
+            log.info("device %s deleted: ended %d MQTT session(s)", device_name, ended)

@@ -22,7 +22,7 @@ class NewDevice:
 
 
 class DeviceRegistry:
-    def __init__(self, publisher: Publisher | None = None) -> None:
+    def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
 
     async def add(self, items: list[dict] | dict) -> list[NewDevice]:
@@ -59,8 +59,7 @@ class DeviceRegistry:
     async def delete(self, name: str) -> None:
         if not await repo.delete_device(check_device_name(name)):
             raise NotFound(f"参数无效: no device named '{name}'")
-        if self._publisher is not None:
-            await self._publisher.clear_command(name)
+        await self._publisher.forget_device(name)
 
     async def check_mqtt_login(self, username: str | None, password: str | bytes | None) -> bool:
         """True when ``username`` is a registered device and ``password`` is its password."""

@@ -17,3 +17,6 @@ class Publisher(Protocol):
 
     async def clear_command(self, device_name: str) -> None:
         """Forget the device's current command, kept or queued."""
+
+    async def forget_device(self, device_name: str) -> None:
+        """The device was deleted: clear its command and end its sessions, live or persistent."""
