@@ -8,6 +8,7 @@ can never drift apart; ``config.example.toml`` documents the same table.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -44,6 +45,14 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class XiaozhiSettings:
+    default_product_id: int | None  # where unknown boards are registered; None: answer without upgrade
+    timezone_offset: int | None  # minutes east of UTC in server_time; None: the host's offset
+    websocket: dict[str, Any] | None  # passed through to boards as given, only when configured
+    mqtt: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     log_level: str
@@ -51,6 +60,7 @@ class Settings:
     http: HttpSettings
     mqtt: MqttSettings
     api: ApiSettings
+    xiaozhi: XiaozhiSettings
 
     @property
     def firmware_dir(self) -> Path:
@@ -148,6 +158,38 @@ def _parse_public_url(raw: Any) -> str:
     return value
 
 
+def _parse_optional_product_id(raw: Any) -> int | None:
+    if raw == "" or raw is None:
+        return None
+    value = _parse_int(raw)
+    if value < 0:
+        raise ValueError(f"must be a non-negative product id (got {raw!r})")
+    return value
+
+
+def _parse_minutes_offset(raw: Any) -> int | None:
+    if raw == "" or raw is None:
+        return None
+    value = _parse_int(raw)
+    if not -14 * 60 <= value <= 14 * 60:
+        raise ValueError(f"must be minutes east of UTC between -840 and 840 (got {raw!r})")
+    return value
+
+
+def _parse_table(raw: Any) -> dict[str, Any] | None:
+    """A TOML table, or a JSON object when given in the environment or on the command line."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"must be a table (a JSON object in the environment or a flag), got {raw!r}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"must be a table (got {raw!r})")
+    return dict(raw) or None
+
+
 def _parse_host(raw: Any) -> str:
     value = str(raw).strip()
     if not value:
@@ -177,12 +219,14 @@ class Key:
     path: str
     parse: Callable[[Any], Any]
     default: Any
+    # Whether the env var and flag carry the section name: http.host and mqtt.host would both be
+    # OTAD_HOST otherwise, and a bare OTAD_MQTT would not say it is the xiaozhi boards' setting.
+    qualified: bool = False
 
     @property
     def _public_name(self) -> str:
-        # http.host and mqtt.host would collide as OTAD_HOST: hosts and ports keep their section.
         section, _, name = self.path.rpartition(".")
-        return f"{section}_{name}" if name in ("host", "port") else name
+        return f"{section}_{name}" if self.qualified else name
 
     @property
     def env(self) -> str:
@@ -198,15 +242,19 @@ KEYS: tuple[Key, ...] = (
     Key("data_dir", _parse_path, None),  # None: default_data_dir(env)
     Key("log_level", _parse_log_level, "info"),
     Key("public_url", _parse_public_url, ""),
-    Key("http.host", _parse_host, "0.0.0.0"),
-    Key("http.port", _parse_port, 8080),
+    Key("http.host", _parse_host, "0.0.0.0", qualified=True),
+    Key("http.port", _parse_port, 8080, qualified=True),
     Key("http.max_upload_size", _parse_size, 1024**3),
     Key("http.shutdown_timeout", _parse_positive_float, 10.0),
-    Key("mqtt.host", _parse_host, "0.0.0.0"),
-    Key("mqtt.port", _parse_port, 1883),
+    Key("mqtt.host", _parse_host, "0.0.0.0", qualified=True),
+    Key("mqtt.port", _parse_port, 1883, qualified=True),
     Key("mqtt.allow_anonymous", _parse_bool, False),
     Key("mqtt.session_expiry_interval", _parse_positive_int, 7 * 24 * 3600),
     Key("api.always_http_200", _parse_bool, False),
+    Key("xiaozhi.default_product_id", _parse_optional_product_id, None, qualified=True),
+    Key("xiaozhi.timezone_offset", _parse_minutes_offset, None, qualified=True),
+    Key("xiaozhi.websocket", _parse_table, None, qualified=True),
+    Key("xiaozhi.mqtt", _parse_table, None, qualified=True),
 )
 _KEYS_BY_PATH = {key.path: key for key in KEYS}
 
@@ -286,4 +334,10 @@ def load_settings(
             session_expiry_interval=values["mqtt.session_expiry_interval"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
+        xiaozhi=XiaozhiSettings(
+            default_product_id=values["xiaozhi.default_product_id"],
+            timezone_offset=values["xiaozhi.timezone_offset"],
+            websocket=values["xiaozhi.websocket"],
+            mqtt=values["xiaozhi.mqtt"],
+        ),
     )

@@ -85,7 +85,8 @@ class Daemon:
         await self._stack.enter_async_context(open_database(settings))
         firmware = FirmwareStore(settings.firmware_dir)
         firmware.prepare()
-        self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size)
+        self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size,
+                                                  settings.xiaozhi.default_product_id)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous))

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from otad.http.auth import public
 from otad.http.keys import SERVICES
+from otad.http.urls import DOWNLOAD_PATH
 
 routes = web.RouteTableDef()
 
@@ -59,7 +60,7 @@ def _disposition(name: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-@routes.get("/api/v2/micro/{fileName}")  # GET also answers HEAD
+@routes.get(DOWNLOAD_PATH)  # GET also answers HEAD
 @public
 async def download(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from otad.service.devices import NewDevice
-from otad.store.records import DeviceRecord, PackageRecord
+from otad.store.records import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -39,9 +39,43 @@ def enabled_view(package: PackageRecord, version: str) -> dict[str, Any]:
 
 
 def device_view(device: DeviceRecord) -> dict[str, Any]:
-    return {"id": device.id, "deviceName": device.name, "productId": device.product_id,
-            "createdAt": timestamp(device.created_at)}
+    inventory = device.inventory
+    return {
+        "id": device.id, "deviceName": device.name, "productId": device.product_id,
+        "createdAt": timestamp(device.created_at),
+        # What the device last reported (xiaozhi boards, on each OTA check).
+        "appVersion": inventory.app_version, "boardType": inventory.board_type,
+        "boardName": inventory.board_name, "chip": inventory.chip, "elfSha256": inventory.elf_sha256,
+        "remoteAddr": inventory.remote_addr, "lastCheckAt": timestamp(inventory.last_check_at),
+    }
 
 
 def new_device_view(device: NewDevice) -> dict[str, Any]:
     return {"deviceName": device.name, "productId": device.product_id, "password": device.password}
+
+
+def passive_pin_saved_view(pin: PassivePinRecord) -> dict[str, Any]:
+    """The reply to a pin, as the original: ``{"id","otaId","deviceId","versionName","description"}``."""
+    return {"id": pin.id, "otaId": pin.package.id, "deviceId": pin.device_id, "versionName": pin.version_name,
+            "description": pin.description}
+
+
+def passive_pin_view(pin: PassivePinRecord) -> dict[str, Any]:
+    return {**passive_pin_saved_view(pin), "otaName": pin.package.name, "deviceName": pin.device_name}
+
+
+def passive_poll_view(pin: PassivePinRecord, url: str) -> dict[str, Any]:
+    """What a polling device reads: the seed's four keys first, then extras old devices ignore."""
+    package = pin.package
+    return {"fileName": package.file_name, "version": pin.version_name, "md5": package.md5,
+            "description": pin.description, "sha256": package.sha256, "size": package.size, "url": url}
+
+
+def xiaozhi_pin_saved_view(pin: XiaozhiPinRecord) -> dict[str, Any]:
+    return {"id": pin.id, "otaId": pin.package.id, "productId": pin.product_id, "versionName": pin.version_name,
+            "force": pin.force}
+
+
+def xiaozhi_pin_view(pin: XiaozhiPinRecord) -> dict[str, Any]:
+    # otad keeps no product registry, so the original's productName has no value to show.
+    return {**xiaozhi_pin_saved_view(pin), "otaName": pin.package.name, "productName": None}

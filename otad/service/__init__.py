@@ -8,8 +8,10 @@ from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.devices import DeviceRegistry
 from otad.service.packages import PackageCatalog
+from otad.service.pins import PassivePins
 from otad.service.ports import Publisher
 from otad.service.upgrades import UpgradeService
+from otad.service.xiaozhi import XiaozhiBoards
 
 
 @dataclass(frozen=True)
@@ -20,15 +22,20 @@ class Services:
     devices: DeviceRegistry
     packages: PackageCatalog
     upgrades: UpgradeService
+    passive: PassivePins
+    xiaozhi: XiaozhiBoards
     firmware: FirmwareStore
 
 
-def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int) -> Services:
+def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
+                   xiaozhi_default_product_id: int | None = None) -> Services:
     devices = DeviceRegistry(publisher)
     return Services(
         admins=AdminAuth(),
         devices=devices,
         packages=PackageCatalog(firmware, publisher, max_upload_size),
         upgrades=UpgradeService(devices, publisher),
+        passive=PassivePins(devices),
+        xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),
         firmware=firmware,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from otad.errors import Conflict, NotFound
+from otad.errors import Conflict, NotFound, StillReferenced
 from otad.firmware import FirmwareStore
 from otad.service.ports import Publisher
 from otad.service.states import OPEN_STATES, UpgradeState
@@ -70,9 +70,15 @@ class PackageCatalog:
         package = await repo.find_package_by_id(package_id)
         if package is None:
             raise NotFound(f"参数无效: no package with id {package_id}")
+        in_use = StillReferenced("存在依赖关系，无法删除: a passive or xiaozhi pin uses this package; delete the pin first")
+        if await repo.package_is_pinned(package.id):
+            raise in_use
         devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED)
         for device_name in devices:
             await self._publisher.clear_command(device_name)
-        await repo.delete_package(package.id)
+        try:
+            await repo.delete_package(package.id)
+        except repo.StillUsed:
+            raise in_use from None
         await self._firmware.discard(package.file_name)
         log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, len(devices))

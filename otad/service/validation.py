@@ -50,3 +50,10 @@ def optional_text(raw: object, field: str, limit: int) -> str | None:
     if len(raw) > limit:
         raise InvalidInput(f"参数无效: {field} is longer than {limit} characters")
     return raw
+
+
+def required_text(raw: object, field: str, limit: int) -> str:
+    value = optional_text(raw, field, limit)
+    if value is None:
+        raise MissingInput(f"参数缺失: {field}")
+    return value

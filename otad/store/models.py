@@ -46,6 +46,14 @@ class Device(Model):
     product_id = fields.BigIntField(db_index=True)
     password_hash = fields.CharField(max_length=64)
     created_at = fields.DatetimeField(auto_now_add=True)
+    # What the device last reported about itself (xiaozhi boards on each OTA check).
+    app_version = fields.CharField(max_length=64, null=True)
+    board_type = fields.CharField(max_length=128, null=True)
+    board_name = fields.CharField(max_length=128, null=True)
+    chip = fields.CharField(max_length=64, null=True)
+    elf_sha256 = fields.CharField(max_length=64, null=True)
+    remote_addr = fields.CharField(max_length=64, null=True)
+    last_check_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "device"
@@ -87,3 +95,32 @@ class Upgrade(Model):
 
     class Meta:
         table = "upgrade"
+
+
+class PassivePin(Model):
+    """The package one device gets when it polls otaPassiveEnable (one pin per device)."""
+
+    id = fields.IntField(primary_key=True)
+    device = fields.OneToOneField("models.Device", related_name="passive_pin", on_delete=fields.CASCADE)
+    # RESTRICT: a pinned package cannot be deleted (3002) while a device may still be told to fetch it.
+    package = fields.ForeignKeyField("models.Package", related_name="passive_pins", on_delete=fields.RESTRICT)
+    version_name = fields.CharField(max_length=128)
+    description = fields.TextField(null=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "passive_pin"
+
+
+class XiaozhiPin(Model):
+    """The firmware every xiaozhi board of one product is offered (one pin per product)."""
+
+    id = fields.IntField(primary_key=True)
+    product_id = fields.BigIntField(unique=True)
+    package = fields.ForeignKeyField("models.Package", related_name="xiaozhi_pins", on_delete=fields.RESTRICT)
+    version_name = fields.CharField(max_length=64)
+    force = fields.BooleanField(default=False)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "xiaozhi_pin"

@@ -22,12 +22,26 @@ class UserRecord:
 
 
 @dataclass(frozen=True)
+class Inventory:
+    """What a device last reported about itself."""
+
+    app_version: str | None = None
+    board_type: str | None = None
+    board_name: str | None = None
+    chip: str | None = None
+    elf_sha256: str | None = None
+    remote_addr: str | None = None
+    last_check_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class DeviceRecord:
     id: int
     name: str
     product_id: int
     password_hash: str
     created_at: datetime
+    inventory: Inventory
 
 
 @dataclass(frozen=True)
@@ -55,3 +69,22 @@ class UpgradeRecord:
     md5: str
     state: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class PassivePinRecord:
+    id: int
+    device_id: int
+    device_name: str
+    package: PackageRecord
+    version_name: str
+    description: str | None
+
+
+@dataclass(frozen=True)
+class XiaozhiPinRecord:
+    id: int
+    product_id: int
+    package: PackageRecord
+    version_name: str
+    force: bool

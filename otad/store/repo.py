@@ -5,27 +5,37 @@ Integrity errors never leave this module as tortoise exceptions: a unique clash 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import datetime
 
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from otad.store.models import ApiToken, Device, Package, Upgrade, User
-from otad.store.records import DeviceRecord, PackageRecord, TokenRecord, UpgradeRecord, UserRecord
+from otad.store.models import ApiToken, Device, Package, PassivePin, Upgrade, User, XiaozhiPin
+from otad.store.records import (DeviceRecord, Inventory, PackageRecord, PassivePinRecord, TokenRecord,
+                                UpgradeRecord, UserRecord, XiaozhiPinRecord)
 
 
 class Duplicate(Exception):
     """A row with the same unique key exists."""
 
 
+class StillUsed(Exception):
+    """A row cannot be deleted while others reference it."""
+
+
 def _token(row: ApiToken) -> TokenRecord:
     return TokenRecord(name=row.name, kind=row.kind, created_at=row.created_at, expires_at=row.expires_at)
 
 
+_INVENTORY_FIELDS = tuple(field.name for field in dataclasses.fields(Inventory))
+
+
 def _device(row: Device) -> DeviceRecord:
-    return DeviceRecord(id=row.id, name=row.name, product_id=row.product_id,
-                        password_hash=row.password_hash, created_at=row.created_at)
+    return DeviceRecord(id=row.id, name=row.name, product_id=row.product_id, password_hash=row.password_hash,
+                        created_at=row.created_at,
+                        inventory=Inventory(**{name: getattr(row, name) for name in _INVENTORY_FIELDS}))
 
 
 def _package(row: Package) -> PackageRecord:
@@ -111,6 +121,10 @@ async def delete_device(name: str) -> bool:
     return await Device.filter(name=name).delete() > 0
 
 
+async def save_inventory(device_id: int, inventory: Inventory) -> None:
+    await Device.filter(id=device_id).update(**dataclasses.asdict(inventory))
+
+
 # --- packages ---
 
 async def insert_package(
@@ -146,8 +160,75 @@ async def list_packages() -> list[PackageRecord]:
     return [_package(row) for row in await Package.all().order_by("id")]
 
 
+async def package_is_pinned(package_id: int) -> bool:
+    return (await PassivePin.exists(package_id=package_id)) or (await XiaozhiPin.exists(package_id=package_id))
+
+
 async def delete_package(package_id: int) -> bool:
-    return await Package.filter(id=package_id).delete() > 0
+    try:
+        return await Package.filter(id=package_id).delete() > 0
+    except IntegrityError:  # a pin was added since the caller checked
+        raise StillUsed(package_id) from None
+
+
+# --- passive pins (per device) and xiaozhi pins (per product) ---
+
+def _passive_pin(row: PassivePin) -> PassivePinRecord:
+    return PassivePinRecord(id=row.id, device_id=row.device_id, device_name=row.device.name,
+                            package=_package(row.package), version_name=row.version_name,
+                            description=row.description)
+
+
+async def save_passive_pin(device_id: int, package_id: int, version_name: str,
+                           description: str | None) -> PassivePinRecord:
+    """Create or replace the device's pin."""
+    async with in_transaction():
+        await PassivePin.filter(device_id=device_id).delete()
+        row = await PassivePin.create(device_id=device_id, package_id=package_id, version_name=version_name,
+                                      description=description)
+    await row.fetch_related("device", "package")
+    return _passive_pin(row)
+
+
+async def find_passive_pin(device_name: str) -> PassivePinRecord | None:
+    row = await PassivePin.get_or_none(device__name=device_name).prefetch_related("device", "package")
+    return _passive_pin(row) if row else None
+
+
+async def list_passive_pins() -> list[PassivePinRecord]:
+    return [_passive_pin(row) for row in await PassivePin.all().order_by("id").prefetch_related("device", "package")]
+
+
+async def delete_passive_pin(pin_id: int) -> bool:
+    return await PassivePin.filter(id=pin_id).delete() > 0
+
+
+def _xiaozhi_pin(row: XiaozhiPin) -> XiaozhiPinRecord:
+    return XiaozhiPinRecord(id=row.id, product_id=row.product_id, package=_package(row.package),
+                            version_name=row.version_name, force=row.force)
+
+
+async def save_xiaozhi_pin(product_id: int, package_id: int, version_name: str, force: bool) -> XiaozhiPinRecord:
+    """Create or replace the product's pin."""
+    async with in_transaction():
+        await XiaozhiPin.filter(product_id=product_id).delete()
+        row = await XiaozhiPin.create(product_id=product_id, package_id=package_id, version_name=version_name,
+                                      force=force)
+    await row.fetch_related("package")
+    return _xiaozhi_pin(row)
+
+
+async def find_xiaozhi_pin(product_id: int) -> XiaozhiPinRecord | None:
+    row = await XiaozhiPin.get_or_none(product_id=product_id).prefetch_related("package")
+    return _xiaozhi_pin(row) if row else None
+
+
+async def list_xiaozhi_pins() -> list[XiaozhiPinRecord]:
+    return [_xiaozhi_pin(row) for row in await XiaozhiPin.all().order_by("id").prefetch_related("package")]
+
+
+async def delete_xiaozhi_pin(pin_id: int) -> bool:
+    return await XiaozhiPin.filter(id=pin_id).delete() > 0
 
 
 # --- upgrades ---

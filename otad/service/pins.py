@@ -1,0 +1,43 @@
+"""Passive OTA: an admin pins a package for a device; the device polls and downloads it."""
+
+from __future__ import annotations
+
+from otad.errors import InvalidInput, NotFound
+from otad.service.devices import DeviceRegistry
+from otad.service.validation import check_package_name, optional_text, parse_int, required_text
+from otad.store import repo
+from otad.store.records import PassivePinRecord
+
+
+class PassivePins:
+    def __init__(self, devices: DeviceRegistry) -> None:
+        self._devices = devices
+
+    async def pin(self, body: object) -> PassivePinRecord:
+        """``{"deviceName","name","description","versionName"}``: pin (or re-pin) the device's package."""
+        if not isinstance(body, dict):
+            raise InvalidInput('参数无效: expected {"deviceName", "name", "description", "versionName"}')
+        device = await self._devices.get(body.get("deviceName"))
+        name = check_package_name(body.get("name"))
+        version_name = required_text(body.get("versionName"), "versionName", 128)
+        description = optional_text(body.get("description"), "description", 4096)
+        package = await repo.find_package(device.product_id, name)
+        if package is None:
+            raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
+        return await repo.save_passive_pin(device.id, package.id, version_name, description)
+
+    async def for_device(self, device_name: object) -> PassivePinRecord:
+        """What a polling device is told; NotFound (1001) for an unknown device or one with no pin."""
+        device = await self._devices.get(device_name)
+        pin = await repo.find_passive_pin(device.name)
+        if pin is None:
+            raise NotFound(f"参数无效: no passive upgrade is set for device '{device.name}'")
+        return pin
+
+    async def list(self) -> list[PassivePinRecord]:
+        return await repo.list_passive_pins()
+
+    async def delete(self, raw_id: object) -> None:
+        pin_id = parse_int(raw_id, "id")
+        if not await repo.delete_passive_pin(pin_id):
+            raise NotFound(f"参数无效: no passive pin with id {pin_id}")
