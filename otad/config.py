@@ -37,6 +37,9 @@ class MqttSettings:
     port: int
     allow_anonymous: bool
     session_expiry_interval: int
+    connect_timeout: float
+    max_connections: int
+    max_packet_size: int
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,9 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.port", _parse_port, 1883, qualified=True),
     Key("mqtt.allow_anonymous", _parse_bool, False),
     Key("mqtt.session_expiry_interval", _parse_positive_int, 7 * 24 * 3600),
+    Key("mqtt.connect_timeout", _parse_positive_float, 10.0),
+    Key("mqtt.max_connections", _parse_positive_int, 20_000),
+    Key("mqtt.max_packet_size", _parse_size, 1024**2),
     Key("api.always_http_200", _parse_bool, False),
     Key("xiaozhi.default_product_id", _parse_optional_product_id, None, qualified=True),
     Key("xiaozhi.timezone_offset", _parse_minutes_offset, None, qualified=True),
@@ -332,6 +338,9 @@ def load_settings(
             port=values["mqtt.port"],
             allow_anonymous=values["mqtt.allow_anonymous"],
             session_expiry_interval=values["mqtt.session_expiry_interval"],
+            connect_timeout=values["mqtt.connect_timeout"],
+            max_connections=values["mqtt.max_connections"],
+            max_packet_size=values["mqtt.max_packet_size"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         xiaozhi=XiaozhiSettings(

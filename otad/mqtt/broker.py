@@ -1,13 +1,16 @@
 """amqtt's ``Broker`` with the defects otad depends on fixed (amqtt 0.12.1).
 
-Each override names the defect it fixes; ``tests/test_mqtt_acl.py`` and ``tests/test_offline.py``
-fail without them. Access decisions come from our ``AccessPolicy``, not from amqtt plugins, so there
-is one place that says who may do what.
+Each override names the defect it fixes; ``tests/test_broker_conformance.py``, ``test_mqtt_acl.py``
+and ``test_offline.py`` fail without them. Access decisions come from our ``AccessPolicy``, not from
+amqtt plugins, so one place says who may do what.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+from collections import deque
 from typing import Any
 
 from amqtt.broker import Broker, RetainedApplicationMessage
@@ -15,25 +18,34 @@ from amqtt.contexts import Action
 from amqtt.errors import MQTTError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.constants import QOS_1
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from otad.mqtt.access import AccessPolicy, Verdict
+from otad.mqtt.handler import OtaProtocolHandler
+from otad.mqtt.topic_index import TopicTrie
 
 log = logging.getLogger(__name__)
 
 # Attributes otad keeps on amqtt's Session objects.
 _VERDICT = "otad_verdict"
+_FILTERS = "otad_filters"
+
+
+def _is_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
 
 
 class OtaBroker(Broker):
-    def __init__(self, config: dict[str, Any], policy: AccessPolicy) -> None:
+    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int) -> None:
         super().__init__(config)
         self._policy = policy
+        self._max_packet_size = max_packet_size
+        self._wildcard_filters = TopicTrie()  # exact filters are keys of self._subscriptions already
+        self._retained_topics = TopicTrie()
 
-    # --- authentication before any session state is touched ---
+    # --- connecting: authentication before any session state is touched ---
 
     async def _initialize_client_session(self, reader, writer, remote_address, remote_port):  # type: ignore[override]
         """Authenticate the CONNECT before amqtt merges it into an existing session.
@@ -44,7 +56,8 @@ class OtaBroker(Broker):
         read another device's session. Here a refused CONNECT gets CONNACK 0x05 and touches nothing,
         and a client id held by one device's session cannot be taken by another device.
         """
-        handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        handler, incoming = await OtaProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        handler.max_packet_size = self._max_packet_size
         verdict = await self._policy.authenticate(incoming.username, incoming.password)
         existing = self._sessions.get(incoming.client_id or "", (None, None))[0]
         if verdict != Verdict.REFUSED and existing is not None and existing.username != incoming.username:
@@ -74,9 +87,9 @@ class OtaBroker(Broker):
             incoming.parent = 0
             session = incoming
         setattr(session, _VERDICT, verdict)
-        delay = self.config.get("timeout-disconnect-delay", 0)
-        if session.keep_alive > 0 and isinstance(delay, int):
-            session.keep_alive += delay
+        if session.keep_alive > 0:
+            # [MQTT-3.1.2-24] the server allows one and a half keepalive periods.
+            session.keep_alive = math.ceil(session.keep_alive * 1.5)
         return handler, session
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
@@ -88,10 +101,8 @@ class OtaBroker(Broker):
             log.warning("MQTT %s refused: %r may not use %r", action.value, session.username, topic)
         return allowed
 
-    # --- retained messages only for the connecting session's own filters ---
-
     async def _handle_client_session(self, reader, writer, client_session, handler, server, listener_name):  # type: ignore[override]
-        """amqtt's session loop without its retained-message leak.
+        """amqtt's session start without its retained-message leak.
 
         Defect: on every CONNECT amqtt publishes the retained messages matching *every* session's
         subscription filters to the new client, unchecked by the topic ACL, so one device received
@@ -118,20 +129,159 @@ class OtaBroker(Broker):
         await handler.mqtt_connack_authorize(True)
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
                                               client_session=client_session)
-        await handler.start()
+        await handler.start()  # re-sends unacknowledged QoS 1/2 messages with DUP [MQTT-4.4.0-1]
         await self._publish_session_retained_messages(client_session)
         await self._client_message_loop(client_session, handler)
 
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
-        topic_filter, qos = subscription
-        if "+" in topic_filter or "#" in topic_filter:
-            await super()._publish_retained_messages_for_subscription(subscription, session)
-            return
-        # An exact filter needs one lookup, not a scan of every retained message.
-        retained = self._retained_messages.get(topic_filter)
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Send what was queued while the session was offline.
+
+        Defect: amqtt sends these with RETAIN set; they match an established subscription, so
+        [MQTT-3.3.1-9] requires RETAIN 0.
+        """
         handler = self._get_handler(session)
-        if retained is not None and handler is not None:
-            await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+        if handler is None:
+            return
+        sends = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            sends.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
+                                                                    retain=False)))
+        if sends:
+            await asyncio.wait(sends)
+
+    # --- routing ---
+
+    async def _handle_message_delivery(self, client_session: Session, handler, wait_deliver) -> bool:
+        """A client's PUBLISH, routed with its QoS.
+
+        Defect: amqtt broadcasts a client's message without its QoS, so every subscriber got its
+        granted QoS; [MQTT-3.8.4-6] delivers at the minimum of the two.
+        """
+        message = wait_deliver.result()
+        if message is None:
+            return True
+        topic = message.topic
+        if not topic or "#" in topic or "+" in topic:
+            log.warning("client %s sent a PUBLISH with an invalid topic %r; closing [MQTT-3.3.2-2]",
+                        client_session.client_id, topic)
+            return False
+        if topic.startswith("$"):
+            log.warning("client %s may not publish to %r [MQTT-4.7.2-1]", client_session.client_id, topic)
+            return True
+        if not await self._topic_filtering(client_session, topic, Action.PUBLISH):
+            return True  # dropped and logged [MQTT-3.3.5-2]
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
+                                              message=message)
+        await self._broadcast_message(client_session, topic, message.data, message.qos)
+        if message.publish_packet is not None and message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, message.data, message.qos)
+        return True
+
+    def _subscribers_of(self, topic: str) -> dict[str, tuple[Session, int]]:
+        """Each session subscribed to ``topic`` once, with the highest QoS of its matching filters
+        (3.3.5). Costs the matching filters, not all of them."""
+        found: dict[str, tuple[Session, int]] = {}
+        filters = list(self._wildcard_filters.filters_matching(topic))
+        if topic in self._subscriptions:
+            filters.append(topic)
+        for topic_filter in filters:
+            for session, qos in self._subscriptions.get(topic_filter, ()):
+                known = found.get(session.client_id)
+                if known is None or known[1] < qos:
+                    found[session.client_id] = (session, qos)
+        return found
+
+    async def _run_broadcast(self, running_tasks: deque) -> None:
+        """Deliver one published message.
+
+        Defects: amqtt scans every subscription filter per message (a fan-out to N devices costs
+        N²), overrides the subscriber's QoS with the publisher's, delivers one copy per overlapping
+        filter, and queues nothing for anonymous persistent sessions.
+        """
+        broadcast = await self._broadcast_queue.get()
+        topic, data = broadcast["topic"], broadcast["data"]
+        publish_qos = broadcast.get("qos")
+        publish_qos = QOS_2 if publish_qos is None else publish_qos
+        for session, granted_qos in self._subscribers_of(topic).values():
+            qos = min(publish_qos, granted_qos)
+            if not self._policy.may_use(getattr(session, _VERDICT, None), session.username, topic):
+                continue
+            if session.transitions.state != "connected":
+                # 3.1.2.4: a persistent session keeps QoS 1 and 2 messages while it is offline.
+                if not session.clean_session and qos in (QOS_1, QOS_2):
+                    session.retained_messages.put_nowait(
+                        RetainedApplicationMessage(broadcast["session"], topic, data, qos))
+                continue
+            handler = self._get_handler(session)
+            if handler is not None:
+                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+
+    # --- the subscription index ---
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's checks and ACL, then the index; a repeated filter replaces the old QoS.
+
+        Defect: amqtt keeps the first QoS when a client subscribes to the same filter again;
+        [MQTT-3.8.4-3] replaces the subscription.
+        """
+        topic_filter, qos = subscription
+        granted = await super().add_subscription(subscription, session)
+        if granted == 0x80:
+            return granted
+        entries = self._subscriptions[topic_filter]
+        for index, (subscriber, _) in enumerate(entries):
+            if subscriber.client_id == session.client_id:
+                entries[index] = (session, granted)
+        if _is_wildcard(topic_filter):
+            self._wildcard_filters.add(topic_filter)
+        filters = getattr(session, _FILTERS, None)
+        if filters is None:
+            filters = set()
+            setattr(session, _FILTERS, filters)
+        filters.add(topic_filter)
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = super()._del_subscription(a_filter, session)
+        if a_filter in self._subscriptions and not self._subscriptions[a_filter]:
+            del self._subscriptions[a_filter]
+            self._wildcard_filters.discard(a_filter)
+        getattr(session, _FILTERS, set()).discard(a_filter)
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """Defect: amqtt walks every filter of every session for each departing clean session."""
+        for topic_filter in list(getattr(session, _FILTERS, ())):
+            self._del_subscription(topic_filter, session)
+
+    # --- retained messages ---
+
+    async def retain_message(self, source_session, topic_name, data, qos=None) -> None:
+        await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name is not None:
+            if topic_name in self._retained_messages:
+                self._retained_topics.add(topic_name)
+            else:
+                self._retained_topics.discard(topic_name)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+        """Only the retained messages this filter matches, found through the index (amqtt scanned
+        them all on every SUBSCRIBE)."""
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        topics = self._retained_topics.topics_matched_by(topic_filter) if _is_wildcard(topic_filter) else (
+            [topic_filter] if topic_filter in self._retained_messages else [])
+        sends = []
+        for topic in topics:
+            retained = self._retained_messages[topic]
+            if self._policy.may_use(getattr(session, _VERDICT, None), session.username, topic):
+                sends.append(asyncio.ensure_future(handler.mqtt_publish(
+                    topic, retained.data, min(qos, QOS_2 if retained.qos is None else retained.qos), retain=True)))
+        if sends:
+            await asyncio.wait(sends)
 
     # --- the service's commands ---
 
@@ -139,16 +289,11 @@ class OtaBroker(Broker):
         """Make ``payload`` the one command on ``topic``: drop older copies queued for offline
         sessions, retain it for the next subscriber, and (``send``) deliver it to live subscribers.
         ``payload=None`` clears the command."""
-        for session, _ in self._sessions.values():
+        for session, _ in self._subscribers_of(topic).values():
             _drop_queued(session, topic)
-        if payload is None:
-            await self.retain_message(None, topic, None)
-            return
-        self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, QOS_1)
-        if send:
-            # qos=None: each subscriber gets min(its granted QoS, QoS 1 of the retained copy) rather
-            # than amqtt's forced QoS, which would override a QoS 0 subscription.
-            await self.internal_message_broadcast(topic, payload, None)
+        await self.retain_message(None, topic, payload or None, QOS_1)
+        if payload and send:
+            await self.internal_message_broadcast(topic, payload, QOS_1)
 
     async def end_sessions_of(self, username: str) -> int:
         """Disconnect and discard every session (live or persistent) logged in as ``username``."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import StreamWriterAdapter
 
 from otad.config import MqttSettings
 from otad.errors import StartupError
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.broker import OtaBroker
 from otad.mqtt.topics import ota_command_topic
+from otad.mqtt.wire import ProtocolRefused, ReplayReader, read_first_packet
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class EmbeddedBroker:
         self._settings = settings
         self._broker: OtaBroker | None = None
         self._server: asyncio.Server | None = None
+        self._connections = 0
 
     @property
     def port(self) -> int:
@@ -42,7 +44,7 @@ class EmbeddedBroker:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self, policy: AccessPolicy) -> None:
-        self._broker = OtaBroker(broker_config(self._settings), policy)
+        self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size)
         await self._broker.start()
         try:
             self._server = await asyncio.start_server(
@@ -55,12 +57,35 @@ class EmbeddedBroker:
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._broker is not None
+        settings = self._settings
+        peer = writer.get_extra_info("peername")
+        if self._connections >= settings.max_connections:
+            # amqtt's own max_connections makes the newcomer wait in a queue, holding its socket.
+            log.warning("MQTT connection from %s refused: %d connections is the limit", peer, settings.max_connections)
+            writer.close()
+            return
+        self._connections += 1
         try:
-            await self._broker.external_connected(StreamReaderAdapter(reader), StreamWriterAdapter(writer), _LISTENER)
+            try:
+                first = await asyncio.wait_for(read_first_packet(reader, settings.max_packet_size),
+                                               settings.connect_timeout)
+            except ProtocolRefused as refused:
+                log.warning("MQTT connection from %s refused: %s", peer, refused)
+                if refused.reply:
+                    writer.write(refused.reply)
+                    await writer.drain()
+                return
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                log.info("MQTT connection from %s closed: no complete CONNECT within %.0f s", peer,
+                         settings.connect_timeout)
+                return
+            await self._broker.external_connected(ReplayReader(reader, first),
+                                                  StreamWriterAdapter(writer), _LISTENER)
         except Exception:
             # One client's failure must never reach asyncio's default handler or other clients.
-            log.exception("MQTT connection from %s ended with an error", writer.get_extra_info("peername"))
+            log.exception("MQTT connection from %s ended with an error", peer)
         finally:
+            self._connections -= 1
             if not writer.is_closing():
                 writer.close()
 

@@ -1,0 +1,142 @@
+"""amqtt's broker-side protocol handler with a reader loop that ends the connection on bad input.
+
+Defects in amqtt 0.12.1's ``ProtocolHandler._reader_loop``:
+- a keepalive expiry only calls ``handle_read_timeout``, which the broker ignores: a vanished client
+  stays "connected" forever and its will is never published ([MQTT-3.1.2-24]);
+- a malformed packet (bad remaining length, invalid UTF-8, an oversized body) is "discarded" and the
+  loop reads on from the middle of a packet, so the stream never resynchronises and the connection
+  is never closed; a reserved packet type only half-closes it.
+The MQTT 3.1.1 rule is simple ([MQTT-4.8.0-1]): on a protocol violation, close the network
+connection. This loop does that, and publishes the will as for any connection lost without
+DISCONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.packet import (CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
+                               PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, MQTTFixedHeader)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import OUTGOING
+
+log = logging.getLogger(__name__)
+
+# How long one delivery waits for its acknowledgement before giving up for this connection; the
+# message stays in flight and is re-sent when the session reconnects.
+_ACK_TIMEOUT = 60.0
+
+_DISPATCH = {
+    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish", DISCONNECT: "handle_disconnect",
+}
+
+
+class OtaProtocolHandler(BrokerProtocolHandler):
+    # Set by the broker from mqtt.max_packet_size. amqtt believes any remaining length up to 256 MB
+    # and waits for the bytes; a packet announced bigger than this closes the connection instead.
+    max_packet_size = 1024 * 1024
+
+    async def _reader_loop(self) -> None:
+        assert self.session is not None and self._reader_ready is not None and self.reader is not None
+        client_id = self.session.client_id
+        keepalive = self.session.keep_alive if self.session.keep_alive > 0 else None
+        running: collections.deque[asyncio.Task] = collections.deque()
+        self._reader_ready.set()
+        try:
+            while True:
+                while running and running[0].done():
+                    running.popleft()
+                try:
+                    header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=keepalive)
+                except TimeoutError:
+                    log.info("client %s sent nothing for 1.5 x its keepalive: closing [MQTT-3.1.2-24]", client_id)
+                    break
+                if header is None:
+                    break  # EOF
+                handler_name = _DISPATCH.get(header.packet_type)
+                if header.packet_type == CONNECT:
+                    log.warning("client %s sent a second CONNECT: closing [MQTT-3.1.0-2]", client_id)
+                    break
+                if handler_name is None:
+                    log.warning("client %s sent reserved packet type %d: closing", client_id, header.packet_type)
+                    break
+                if header.remaining_length > self.max_packet_size:
+                    log.warning("client %s announced a packet of %d bytes, over the limit of %d: closing",
+                                client_id, header.remaining_length, self.max_packet_size)
+                    break
+                packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                running.append(asyncio.create_task(getattr(self, handler_name)(packet)))
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # malformed input of any kind: close this connection, nothing else
+            log.warning("client %s sent a malformed packet (%s): closing", client_id, exc)
+        for task in running:
+            if not task.done():
+                task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+
+
+    # --- outgoing QoS 1 and 2: keep what the client has not acknowledged ---
+    #
+    # Defect: amqtt drops an outgoing QoS 1/2 message from the session's in-flight store when the
+    # acknowledgement times out (5 s) or the connection ends, so a persistent session that reconnects
+    # never gets it again. [MQTT-4.4.0-1]: on reconnect with CleanSession 0 the server re-sends
+    # unacknowledged PUBLISH (DUP set) and PUBREL packets; amqtt's ``_retry_deliveries`` does that
+    # for whatever is still in ``inflight_out``, so these flows leave it there until acknowledged.
+
+    async def _handle_qos1_message_flow(self, app_message) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        self.session.inflight_out[app_message.packet_id] = app_message
+        publish = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        await self._send_packet(publish)
+        app_message.publish_packet = publish
+        puback = await self._wait_ack(self._puback_waiters, app_message.packet_id)
+        if puback is not None:
+            app_message.puback_packet = puback
+            self.session.inflight_out.pop(app_message.packet_id, None)
+
+    async def _handle_qos2_message_flow(self, app_message) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        self.session.inflight_out[app_message.packet_id] = app_message
+        if app_message.pubrec_packet is None:
+            publish = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+            await self._send_packet(publish)
+            app_message.publish_packet = publish
+            app_message.pubrec_packet = await self._wait_ack(self._pubrec_waiters, app_message.packet_id)
+            if app_message.pubrec_packet is None:
+                return
+        app_message.pubrel_packet = PubrelPacket.build(app_message.packet_id)
+        await self._send_packet(app_message.pubrel_packet)
+        pubcomp = await self._wait_ack(self._pubcomp_waiters, app_message.packet_id)
+        if pubcomp is not None:
+            app_message.pubcomp_packet = pubcomp
+            self.session.inflight_out.pop(app_message.packet_id, None)
+
+    async def _wait_ack(self, waiters: dict, packet_id: int):
+        """The acknowledgement, or None when it did not come (the message stays in flight)."""
+        waiter = asyncio.get_running_loop().create_future()
+        waiters[packet_id] = waiter
+        try:
+            return await asyncio.wait_for(waiter, _ACK_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return None  # the waiter was cancelled because the connection ended
+        finally:
+            if waiters.get(packet_id) is waiter:
+                del waiters[packet_id]
