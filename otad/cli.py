@@ -118,10 +118,11 @@ def check_config(config_file: Path | None, **params: Any) -> None:
 
 async def _with_services(settings: Settings, action):
     """Open the database (the daemon may be running: SQLite WAL) and run ``action(services)``."""
-    from otad.daemon import open_database
+    from otad.daemon import open_database, prepare_data_dir
     from otad.firmware import FirmwareStore
     from otad.service import build_services
 
+    prepare_data_dir(settings)
     async with open_database(settings):
         # Local admin commands never publish; the daemon restores pending commands when it starts.
         services = build_services(FirmwareStore(settings.firmware_dir), _NoPublisher(), settings.http.max_upload_size)

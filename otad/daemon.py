@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import uuid
 
@@ -35,10 +37,26 @@ def prepare_data_dir(settings: Settings) -> None:
         raise StartupError(f"data directory {settings.data_dir} is not writable: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def exclusive_data_dir(settings: Settings):
+    """One daemon per data directory. A second one would sweep the first one's uploads in progress
+    as leftovers before failing on the ports; the lock makes it fail first, touching nothing."""
+    path = settings.data_dir / "otad.lock"
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another otad is already running with data directory {settings.data_dir}") from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 @contextlib.asynccontextmanager
 async def open_database(settings: Settings):
-    """The database alone, for the local admin commands (token, user, device) and the daemon."""
-    prepare_data_dir(settings)
+    """The database alone, for the local admin commands (token, user, device) and the daemon.
+    The data directory must exist (``prepare_data_dir``)."""
     database = Database(settings.database_path)
     try:
         await database.open()
@@ -82,6 +100,8 @@ class Daemon:
 
     async def _start(self) -> None:
         settings = self.settings
+        prepare_data_dir(settings)
+        self._stack.enter_context(exclusive_data_dir(settings))
         await self._stack.enter_async_context(open_database(settings))
         firmware = FirmwareStore(settings.firmware_dir)
         firmware.prepare()

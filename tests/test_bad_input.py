@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -211,3 +212,52 @@ async def test_client_vanishing_mid_upload_leaves_nothing(otad):
     assert otad.db_rows("package") == 0
     status, _ = await otad.upload("fw", 1, b"the daemon still serves")
     assert status == 200
+
+
+async def test_upload_cut_off_before_the_closing_boundary_is_refused(otad):
+    """A truncated body must never become a shorter firmware that devices would flash."""
+    for size in (100, 70_000, 2_500_000):
+        head = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n')
+        status, body = await otad.request("POST", "/api/v2/otaUpload", params={"name": f"fw{size}", "productId": "1"},
+                                          data=head + b"t" * size,
+                                          headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert status == 400 and body["errorCode"] == 1001, (size, body)
+    assert_nothing_stored(otad)
+
+
+@pytest.mark.parametrize("body", [
+    {"deviceName": "d1", "productId": 99999999999999999999999},
+    {"deviceName": "d1", "productId": "١٢"},      # Arabic-Indic digits are not an integer here
+    {"deviceName": "d\ud800", "productId": 1},
+])
+async def test_out_of_range_and_non_ascii_values_are_400(otad, body):
+    status, reply = await otad.request("POST", "/api/v2/devices", data=json.dumps(body).encode(),
+                                       headers={"Content-Type": "application/json"})
+    assert status == 400 and reply["success"] is False, reply
+    assert otad.db_rows("device") == 0
+
+
+async def test_unstorable_text_and_odd_bodies_are_400_not_500(otad):
+    await otad.add_device("dev1", 1)
+    await otad.upload("fw", 1, b"x")
+    raw = b'{"deviceName":"dev1","name":"fw","versionName":"1.0","description":"\\ud800"}'
+    status, body = await otad.request("POST", "/api/v2/otaPassive", data=raw, headers={"Content-Type": "application/json"})
+    assert_error(status, body, 400, 1001)
+    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b'{"username":"\\ud800","password":"x"}',
+                                      headers={"Content-Type": "application/json"})
+    assert status == 401 and body["errorCode"] == 2007
+    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b'{}',
+                                      headers={"Content-Type": "application/json; charset=bogus"})
+    assert_error(status, body, 400, 1001)
+    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b"[" * 100_000,
+                                      headers={"Content-Type": "application/json"})
+    assert_error(status, body, 400, 1001)
+
+
+async def test_upload_with_a_non_utf8_file_name_is_kept_with_a_safe_name(otad):
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="fw\xff\xfe.bin"\r\n\r\n'
+    status, body = await otad.request("POST", "/api/v2/otaUpload", params={"name": "fw", "productId": "1"},
+                                      data=head + b"data\r\n--B--\r\n",
+                                      headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert status == 200, body
+    assert body["data"]["size"] == 4 and body["data"]["fileName"].endswith(".bin")

@@ -182,3 +182,36 @@ async def test_ready_is_notified_to_systemd_once_both_listeners_are_up(tmp_path)
         await asyncio.to_thread(process.communicate, timeout=30)
         receiver.close()
     assert process.returncode == 0
+
+
+async def test_a_second_daemon_on_the_same_data_dir_refuses_and_harms_nothing(tmp_path):
+    http_port, mqtt_port = free_port(), free_port()
+    token = otad_cli(tmp_path, "token", "create", "t").stdout.splitlines()[-1]
+    first = _serve(tmp_path, http_port, mqtt_port)
+    try:
+        await _wait_for_port(http_port, first)
+
+        async def slow_body():
+            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
+            for _ in range(15):
+                await asyncio.sleep(0.1)
+                yield b"s" * 10_000
+            yield b"\r\n--B--\r\n"
+
+        async with aiohttp.ClientSession() as http:
+            upload = asyncio.create_task(http.post(
+                f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=slow_body(),
+                headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"}))
+            await asyncio.sleep(0.4)
+            second = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "otad", "serve", "--data-dir", str(tmp_path),
+                                 "--http-port", str(free_port()), "--mqtt-port", str(free_port()),
+                                 "--http-host", "127.0.0.1", "--mqtt-host", "127.0.0.1"],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert second.returncode != 0 and "already running" in second.stderr
+            response = await upload
+            assert response.status == 200
+            assert (await response.json())["data"]["size"] == 150_000
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(first.communicate, timeout=30)

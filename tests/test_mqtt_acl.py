@@ -6,6 +6,7 @@ import asyncio
 
 from tests.conftest import make_settings, start_otad
 from tests.mqtt_device import MqttDevice
+from tests.rawmqtt import RawClient
 
 REFUSED = 0x80
 NOT_AUTHORIZED = 5
@@ -75,15 +76,52 @@ async def test_a_device_cannot_take_over_another_devices_session(otad):
     await otad.upload("fw", 1, b"fw")
     await otad.enable("fw", "dev1")  # queued in dev1's offline session
 
+    # Same client id, other device: it gets a session of its own, not dev1's (or its queue).
     thief = MqttDevice(otad.mqtt_port, "dev2", password2, client_id="shared-id", clean_session=False)
-    assert await thief.connect() == NOT_AUTHORIZED
+    assert await thief.connect() == 0
+    assert await thief.no_message(within=0.5)
+    await thief.close()
     wiper = MqttDevice(otad.mqtt_port, "dev2", password2, client_id="shared-id", clean_session=True)
-    assert await wiper.connect() == NOT_AUTHORIZED
+    assert await wiper.connect() == 0
+    await wiper.close()
 
     owner = MqttDevice(otad.mqtt_port, "dev1", password1, client_id="shared-id", clean_session=False)
     assert await owner.connect() == 0
     assert b'"fileName"' in (await owner.next_message()).payload  # the session and its queue survived
     await owner.close()
+
+
+async def test_a_device_cannot_lock_another_out_by_squatting_its_client_id(otad):
+    victim_password = await otad.add_device("victim", 1)
+    squatter = MqttDevice(otad.mqtt_port, "squatter", await otad.add_device("squatter", 1), client_id="victim",
+                          clean_session=False)
+    assert await squatter.connect() == 0
+    for clean_session in (True, False):
+        victim = MqttDevice(otad.mqtt_port, "victim", victim_password, client_id="victim", clean_session=clean_session)
+        assert await victim.connect() == 0
+        await victim.close()
+    await squatter.close()
+
+
+async def test_a_will_on_another_devices_topic_is_refused(otad):
+    """amqtt published wills without the topic ACL: a device could plant a forged OTA command."""
+    victim_password = await otad.add_device("victim", 1)
+    attacker_password = await otad.add_device("attacker", 1)
+    attacker = RawClient(otad.mqtt_port)
+    _, code = await attacker.connect("attacker", "attacker", attacker_password,
+                                     will=("/oc/devices/victim/sys/ota", b'{"fileName":"EVIL.bin"}', 1, True))
+    assert code == NOT_AUTHORIZED
+    await attacker.close()
+    own = RawClient(otad.mqtt_port)
+    _, code = await own.connect("attacker", "attacker", attacker_password,
+                                will=("/oc/devices/attacker/status", b"offline", 1, False))
+    assert code == 0
+    await own.close()
+    victim = otad.device("victim", victim_password)
+    assert await victim.connect() == 0
+    assert await victim.subscribe("/oc/devices/victim/sys/ota") == [1]
+    assert await victim.no_message(within=0.5)
+    await victim.close()
 
 
 async def test_anonymous_clients_are_accepted_only_in_lab_mode(tmp_path):

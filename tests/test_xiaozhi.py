@@ -198,3 +198,18 @@ async def test_one_pin_per_product_list_delete_and_package_protection(otad):
     assert reply["firmware"] == {"version": "1.9.2", "url": ""}
     status, _ = await otad.request("DELETE", "/api/v2/otaDelete", params={"id": str(package["id"])})
     assert status == 200
+
+
+async def test_full_width_digits_are_not_a_version(otad):
+    package = await _product_with_package(otad)
+    status, body = await _pin(otad, package, "１.2.3")
+    assert_error(status, body, 400, 1001)
+
+
+async def test_a_board_registered_in_upper_case_finds_itself(otad):
+    await otad.add_device(MAC.upper(), 9)
+    _, body = await otad.upload("xiaozhi-1.9.3", 9, FIRMWARE)
+    await _pin(otad, body["data"])
+    _, reply = await check(otad)
+    assert reply["firmware"]["version"] == "1.9.3"
+    assert otad.db_rows("device") == 1

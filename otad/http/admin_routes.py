@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from otad.errors import InvalidInput, MissingInput, TooLarge
 from otad.http.auth import public
@@ -29,8 +30,15 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(_CHUNK):
-        yield chunk
+    """The file's bytes. A body cut off before the closing boundary is an error, not a shorter
+    firmware: aiohttp's reader simply stops, and the stored image would be truncated."""
+    try:
+        while chunk := await part.read_chunk(_CHUNK):
+            yield chunk
+    except ValueError as exc:  # aiohttp: "Reading after EOF" and other framing errors
+        raise InvalidInput(f"参数无效: malformed multipart body: {exc}") from None
+    if not part.at_eof():
+        raise InvalidInput("参数无效: the upload ended before the multipart closing boundary")
 
 
 async def _file_part(request: web.Request) -> BodyPartReader:
@@ -42,7 +50,7 @@ async def _file_part(request: web.Request) -> BodyPartReader:
             if isinstance(part, BodyPartReader) and part.name == "file":
                 return part
             await part.release()
-    except ValueError as exc:  # aiohttp's multipart parser reports malformed framing as ValueError
+    except (ValueError, HttpProcessingError) as exc:  # aiohttp's reports of malformed framing or headers
         raise InvalidInput(f"参数无效: malformed multipart body: {exc}") from None
     raise MissingInput("参数缺失: multipart form field 'file'")
 

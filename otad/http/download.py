@@ -38,11 +38,14 @@ class FirmwareResponse(web.FileResponse):
 
 async def _without_stale_range(request: web.BaseRequest, path: Path) -> web.BaseRequest:
     """aiohttp compares If-Range only as a date and serves a stale range when it holds an ETag
-    (stack-notes). A range is only valid for the representation the client started with, so when
-    If-Range names another ETag we drop Range and send the whole file with 200."""
+    (stack-notes). A range is only valid for the representation the client started with, so unless
+    If-Range names our current ETag, or is a date (which aiohttp checks), we drop Range and send the
+    whole file with 200 (RFC 9110 section 13.1.5)."""
     if_range = request.headers.get(hdrs.IF_RANGE)
-    if hdrs.RANGE not in request.headers or not if_range or not if_range.lstrip().startswith(('"', "W/")):
+    if hdrs.RANGE not in request.headers or if_range is None:
         return request
+    if request.if_range is not None:
+        return request  # an HTTP date: aiohttp compares it with the file's mtime
     try:
         stat = await asyncio.to_thread(path.stat)
     except OSError:

@@ -59,5 +59,5 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
 async def read_json(request: web.Request) -> Any:
     try:
         return await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError, RecursionError):  # bad JSON, unknown charset, absurd nesting
         raise InvalidInput("参数无效: the request body is not valid JSON") from None

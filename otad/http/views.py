@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from otad.service import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
 from otad.service.devices import NewDevice
-from otad.store.records import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
 
 
 def timestamp(value: datetime | None) -> str | None:

@@ -54,27 +54,31 @@ class OtaBroker(Broker):
         that id, a persistent one takes it over and its queued messages) and only then asks the auth
         plugins; a refused client stays registered as connected. A wrong password could so wipe or
         read another device's session. Here a refused CONNECT gets CONNACK 0x05 and touches nothing,
-        and a client id held by one device's session cannot be taken by another device.
+        and sessions are per username, so no device reaches another's session by its client id.
         """
         handler, incoming = await OtaProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         handler.max_packet_size = self._max_packet_size
         verdict = await self._policy.authenticate(incoming.username, incoming.password)
-        existing = self._sessions.get(incoming.client_id or "", (None, None))[0]
-        if verdict != Verdict.REFUSED and existing is not None and existing.username != incoming.username:
-            log.warning("client id %r belongs to another client's session; refusing %r",
-                        incoming.client_id, incoming.username)
+        if (verdict != Verdict.REFUSED and incoming.will_flag
+                and not self._policy.may_use(verdict, incoming.username, incoming.will_topic or "")):
+            # amqtt publishes (and retains) a will without the topic ACL: a device could leave a
+            # forged OTA command on another device's topic. A will is only for the client's own topics.
+            log.warning("MQTT CONNECT of %r refused: will topic %r is not its own", incoming.username,
+                        incoming.will_topic)
             verdict = Verdict.REFUSED
         if verdict == Verdict.REFUSED:
             log.warning("MQTT login refused for %r from %s:%s", incoming.username, remote_address, remote_port)
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             raise MQTTError("not authorized")
+        # Sessions are keyed by (username, client id): one device can neither take over nor lock
+        # out another's session by presenting its client id. U+0000 cannot occur in either part
+        # [MQTT-1.5.3-2], so the key is unambiguous.
+        incoming.client_id = f"{incoming.username or ''}\0{incoming.client_id or gen_client_id()}"
+        existing = self._sessions.get(incoming.client_id, (None, None))[0]
 
         if incoming.clean_session:
-            if incoming.client_id:
-                await self._delete_session(incoming.client_id)
-            else:
-                incoming.client_id = gen_client_id()
+            await self._delete_session(incoming.client_id)
             incoming.parent = 0
             session = incoming
         elif existing is not None:

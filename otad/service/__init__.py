@@ -12,6 +12,10 @@ from otad.service.pins import PassivePins
 from otad.service.ports import Publisher
 from otad.service.upgrades import UpgradeService
 from otad.service.xiaozhi import XiaozhiBoards
+# The records the use cases return, for the adapters to render; they come from the store as plain data.
+from otad.store.records import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
+
+__all__ = ["DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "XiaozhiPinRecord", "build_services"]
 
 
 @dataclass(frozen=True)

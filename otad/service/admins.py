@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NoSuchAccount, NotFound, NotLoggedIn, WrongPassword
 from otad.service import credentials
+from otad.service.validation import is_clean_text
 from otad.store import repo
 from otad.store.records import TokenRecord
 
@@ -47,6 +49,8 @@ class AdminAuth:
         _check_name(username, "username")
         if not password:
             raise MissingInput("参数缺失: password")
+        if not is_clean_text(password):
+            raise InvalidInput("参数无效: the password holds control characters or invalid Unicode")
         hashed = await asyncio.to_thread(credentials.hash_password, password)
         try:
             await repo.insert_user(username, hashed)
@@ -57,15 +61,17 @@ class AdminAuth:
         """Check a user's password and return ``"Bearer <token>"`` as the original platform does."""
         if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
             raise MissingInput("参数缺失: username and password are required")
-        user = await repo.find_user(username)
+        user = await repo.find_user(username) if _NAME.fullmatch(username) else None
         if user is None:
             raise NoSuchAccount()
+        if not is_clean_text(password):
+            raise WrongPassword()
         if not await asyncio.to_thread(credentials.password_matches, password, user.password_hash):
             raise WrongPassword()
         now = self._now()
         await repo.delete_expired_tokens(now)
         secret = credentials.new_secret()
-        name = f"login:{username}:{secret[:8]}"
+        name = f"login:{username}:{uuid.uuid4().hex[:12]}"
         await repo.insert_token(name, credentials.hash_secret(secret), "login", now + LOGIN_TOKEN_LIFETIME)
         return f"Bearer {secret}"
 

@@ -9,7 +9,7 @@ from otad.errors import Conflict, NotFound, StillReferenced
 from otad.firmware import FirmwareStore
 from otad.service.ports import Publisher
 from otad.service.states import OPEN_STATES, UpgradeState
-from otad.service.validation import check_package_name, optional_text, parse_int
+from otad.service.validation import check_package_name, optional_text, parse_int, safe_text
 from otad.store import repo
 from otad.store.records import PackageRecord
 
@@ -45,7 +45,7 @@ class PackageCatalog:
         try:
             package = await repo.insert_package(
                 product_id=product_id, name=name, file_name=stored.file_name,
-                original_name=(original_name or stored.file_name)[-255:], size=stored.size, md5=stored.md5,
+                original_name=safe_text(original_name or stored.file_name, 255), size=stored.size, md5=stored.md5,
                 sha256=stored.sha256, version=version, description=description,
             )
         except repo.Duplicate:

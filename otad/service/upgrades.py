@@ -48,7 +48,7 @@ class UpgradeService:
                                   state=UpgradeState.CREATED, superseded_state=UpgradeState.SUPERSEDED,
                                   open_states=OPEN_STATES)
         await self._publisher.send_command(device.name, ota_command(package.file_name, version, package.md5))
-        await repo.set_upgrade_state(version, UpgradeState.NOTIFIED)
+        await repo.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED)
         log.info("upgrade %s: package %d '%s' enabled for device %s", version, package.id, name, device.name)
         return EnabledUpgrade(version=version, device_name=device.name, package=package)
 
@@ -58,6 +58,5 @@ class UpgradeService:
         for upgrade in latest.values():
             await self._publisher.keep_command(upgrade.device_name,
                                                ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
-            if upgrade.state == UpgradeState.CREATED:
-                await repo.set_upgrade_state(upgrade.version, UpgradeState.NOTIFIED)
+            await repo.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED)
         return len(latest)

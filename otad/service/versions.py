@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-DOTTED = re.compile(r"\d{1,9}(\.\d{1,9}){0,7}")
+DOTTED = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,7}")  # ASCII digits only: boards parse with stoi
 
 
 def parse_dotted(version: object) -> tuple[int, ...] | None:

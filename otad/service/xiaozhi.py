@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 from otad.errors import InvalidInput, MissingInput, NotFound
 from otad.service import credentials
-from otad.service.validation import DEVICE_NAME, parse_int
-from otad.service.versions import parse_dotted, is_newer
+from otad.service.validation import check_device_name, parse_int, safe_text
+from otad.service.versions import is_newer, parse_dotted
 from otad.store import repo
 from otad.store.records import DeviceRecord, Inventory, PackageRecord, XiaozhiPinRecord
 
@@ -35,7 +35,7 @@ class Offer:
 
 
 def _text(value: object, limit: int) -> str | None:
-    return value[:limit] if isinstance(value, str) and value else None
+    return safe_text(value, limit) if isinstance(value, str) and value else None
 
 
 def _inventory(check: BoardCheck, now: datetime) -> Inventory:
@@ -95,9 +95,10 @@ class XiaozhiBoards:
 
     async def check(self, check: BoardCheck) -> Offer:
         """Record what the board reported and decide whether to offer it the pinned firmware."""
-        name = check.device_id.strip().lower()
-        if not DEVICE_NAME.fullmatch(name):
-            raise InvalidInput("参数无效: Device-Id must be the board's MAC address")
+        try:
+            name = check_device_name(check.device_id.strip().lower())
+        except InvalidInput:
+            raise InvalidInput("参数无效: Device-Id must be the board's MAC address") from None
         application = check.body.get("application")
         current = application.get("version") if isinstance(application, dict) else None
         current = current if isinstance(current, str) else ""

@@ -242,8 +242,10 @@ async def record_upgrade(*, version: str, device_id: int, package: PackageRecord
                              file_name=package.file_name, md5=package.md5, state=state)
 
 
-async def set_upgrade_state(version: str, state: str) -> None:
-    await Upgrade.filter(version=version).update(state=state)
+async def advance_upgrade(version: str, from_state: str, to_state: str) -> None:
+    """Move an upgrade on only if it is still in ``from_state`` (a concurrent enable may have
+    superseded it in the meantime)."""
+    await Upgrade.filter(version=version, state=from_state).update(state=to_state)
 
 
 async def open_upgrades(open_states: Iterable[str]) -> list[UpgradeRecord]:
