@@ -109,6 +109,7 @@ class Daemon:
                                                   settings.xiaozhi.default_product_id)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
+        await services.devices.warm_login_cache()
         await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous))
         self._stack.push_async_callback(self._broker.stop)
         restored = await services.upgrades.restore_pending()

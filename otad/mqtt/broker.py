@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
 from typing import Any
 
 from amqtt.broker import Broker, RetainedApplicationMessage
@@ -24,6 +23,7 @@ from amqtt.utils import gen_client_id
 
 from otad.mqtt.access import AccessPolicy, Verdict
 from otad.mqtt.handler import OtaProtocolHandler
+from otad.mqtt.session import use_light_sessions
 from otad.mqtt.topic_index import TopicTrie
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,11 @@ def _is_wildcard(topic_filter: str) -> bool:
 
 class OtaBroker(Broker):
     def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int) -> None:
+        use_light_sessions()
         super().__init__(config)
         self._policy = policy
         self._max_packet_size = max_packet_size
+        self._deliveries: set[asyncio.Future] = set()
         self._wildcard_filters = TopicTrie()  # exact filters are keys of self._subscriptions already
         self._retained_topics = TopicTrie()
 
@@ -177,7 +179,7 @@ class OtaBroker(Broker):
             return True  # dropped and logged [MQTT-3.3.5-2]
         await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
                                               message=message)
-        await self._broadcast_message(client_session, topic, message.data, message.qos)
+        self._deliver(client_session, topic, message.data, message.qos)
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, message.data, message.qos)
         return True
@@ -196,16 +198,13 @@ class OtaBroker(Broker):
                     found[session.client_id] = (session, qos)
         return found
 
-    async def _run_broadcast(self, running_tasks: deque) -> None:
-        """Deliver one published message.
+    def _deliver(self, source: Session | None, topic: str, data: bytes, publish_qos: int | None) -> None:
+        """Send one published message to its subscribers, or queue it for their offline sessions.
 
         Defects: amqtt scans every subscription filter per message (a fan-out to N devices costs
         N²), overrides the subscriber's QoS with the publisher's, delivers one copy per overlapping
         filter, and queues nothing for anonymous persistent sessions.
         """
-        broadcast = await self._broadcast_queue.get()
-        topic, data = broadcast["topic"], broadcast["data"]
-        publish_qos = broadcast.get("qos")
         publish_qos = QOS_2 if publish_qos is None else publish_qos
         for session, granted_qos in self._subscribers_of(topic).values():
             qos = min(publish_qos, granted_qos)
@@ -214,12 +213,72 @@ class OtaBroker(Broker):
             if session.transitions.state != "connected":
                 # 3.1.2.4: a persistent session keeps QoS 1 and 2 messages while it is offline.
                 if not session.clean_session and qos in (QOS_1, QOS_2):
-                    session.retained_messages.put_nowait(
-                        RetainedApplicationMessage(broadcast["session"], topic, data, qos))
+                    session.retained_messages.put_nowait(RetainedApplicationMessage(source, topic, data, qos))
                 continue
             handler = self._get_handler(session)
             if handler is not None:
-                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+                delivery = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, delivery: asyncio.Future) -> None:
+        self._deliveries.discard(delivery)
+        if not delivery.cancelled() and delivery.exception() is not None:
+            log.info("a delivery failed: %s", delivery.exception())
+
+    async def _broadcast_loop(self) -> None:
+        """Route client publishes in arrival order.
+
+        amqtt wraps every message in a new task plus an ``asyncio.wait`` on it and a shutdown
+        future, which costs more than routing the message through the index does.
+        """
+        while True:
+            broadcast = await self._broadcast_queue.get()
+            try:
+                self._deliver(broadcast["session"], broadcast["topic"], broadcast["data"], broadcast.get("qos"))
+            except Exception:
+                log.exception("routing a message on %r failed", broadcast.get("topic"))
+
+    async def _shutdown_broadcast_loop(self) -> None:
+        if self._broadcast_task is not None:
+            self._broadcast_task.cancel()
+            await asyncio.gather(self._broadcast_task, return_exceptions=True)
+            self._broadcast_task = None
+        for delivery in list(self._deliveries):
+            delivery.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+
+    async def _client_message_loop(self, client_session: Session, handler) -> None:
+        """amqtt's per-client loop, less its ``repr`` of every subscription of every client after
+        each SUBSCRIBE (evaluated even with debug logging off): a fleet subscribing costs N²."""
+        disconnect = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                done, _ = await asyncio.wait([disconnect, subscribe, unsubscribe, deliver],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if disconnect in done:
+                    await self._handle_disconnect(client_session, handler, disconnect)
+                    break
+                if subscribe in done:
+                    await self._handle_subscription(client_session, handler, subscribe)
+                    subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe)
+                    unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, deliver):
+                        break
+                    deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            waiters = [disconnect, subscribe, unsubscribe, deliver]
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     # --- the subscription index ---
 
@@ -297,7 +356,7 @@ class OtaBroker(Broker):
             _drop_queued(session, topic)
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
-            await self.internal_message_broadcast(topic, payload, QOS_1)
+            self._deliver(None, topic, payload, QOS_1)
 
     async def end_sessions_of(self, username: str) -> int:
         """Disconnect and discard every session (live or persistent) logged in as ``username``."""

@@ -47,8 +47,10 @@ class EmbeddedBroker:
         self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size)
         await self._broker.start()
         try:
+            # A deep accept backlog: with asyncio's default of 100, a fleet reconnecting at once
+            # (after a gateway reboot) loses SYNs and every retry costs the device a second or more.
             self._server = await asyncio.start_server(
-                self._on_connection, self._settings.host, self._settings.port, reuse_address=True)
+                self._on_connection, self._settings.host, self._settings.port, reuse_address=True, backlog=4096)
         except OSError as exc:
             await self._broker.shutdown()
             raise StartupError(f"cannot listen for MQTT on {self._settings.host}:{self._settings.port}: "

@@ -24,6 +24,16 @@ class NewDevice:
 class DeviceRegistry:
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
+        # name -> password hash of devices known to exist, so a connect storm of thousands of
+        # devices is not thousands of database round trips. A miss falls through to the database
+        # (devices added by ``otad device add`` in another process are found at once); deletion
+        # goes through this registry, which forgets the entry.
+        self._login_cache: dict[str, str] = {}
+        self._deletions = 0  # a lookup that raced a deletion must not re-cache the deleted device
+
+    async def warm_login_cache(self) -> int:
+        self._login_cache = {device.name: device.password_hash for device in await repo.list_devices()}
+        return len(self._login_cache)
 
     async def add(self, items: list[dict] | dict) -> list[NewDevice]:
         """Register one device or many, all or nothing; returns each new password once."""
@@ -41,10 +51,12 @@ class DeviceRegistry:
         names = [device.name for device in new]
         if len(set(names)) != len(names):
             raise Conflict("参数无效: the same deviceName is given twice")
+        hashes = {device.name: credentials.hash_secret(device.password) for device in new}
         try:
-            await repo.insert_devices((d.name, d.product_id, credentials.hash_secret(d.password)) for d in new)
+            await repo.insert_devices((d.name, d.product_id, hashes[d.name]) for d in new)
         except repo.Duplicate as exc:
             raise Conflict(f"参数无效: device already exists: {exc}") from None
+        self._login_cache.update(hashes)
         return new
 
     async def get(self, name: str) -> DeviceRecord:
@@ -57,7 +69,11 @@ class DeviceRegistry:
         return await repo.list_devices()
 
     async def delete(self, name: str) -> None:
-        if not await repo.delete_device(check_device_name(name)):
+        name = check_device_name(name)
+        deleted = await repo.delete_device(name)
+        self._deletions += 1
+        self._login_cache.pop(name, None)
+        if not deleted:
             raise NotFound(f"参数无效: no device named '{name}'")
         await self._publisher.forget_device(name)
 
@@ -67,5 +83,13 @@ class DeviceRegistry:
             return False
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        device = await repo.find_device(username)
-        return device is not None and credentials.secret_matches(password, device.password_hash)
+        stored = self._login_cache.get(username)
+        if stored is None:
+            deletions = self._deletions
+            device = await repo.find_device(username)
+            if device is None:
+                return False
+            stored = device.password_hash
+            if deletions == self._deletions:
+                self._login_cache[username] = stored
+        return credentials.secret_matches(password, stored)
