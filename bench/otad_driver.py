@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from otad.config import load_settings  # noqa: E402
-from otad.daemon import Daemon  # noqa: E402
+from otad.daemon import Daemon, tune_garbage_collector  # noqa: E402
 from otad.service.upgrades import ota_command  # noqa: E402
 
 
@@ -42,6 +42,10 @@ async def main() -> None:
                                       "mqtt.max_connections": "60000"})
     daemon = Daemon(settings)
     await daemon.start()
+    tune_garbage_collector()  # as otad serve does
+    import gc, os
+    if os.environ.get("NOGC"):
+        gc.disable()
     services = daemon.services
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

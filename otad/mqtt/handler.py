@@ -2,7 +2,8 @@
 
 Defects in amqtt 0.12.1's ``ProtocolHandler._reader_loop``:
 - a keepalive expiry only calls ``handle_read_timeout``, which the broker ignores: a vanished client
-  stays "connected" forever and its will is never published ([MQTT-3.1.2-24]);
+  stays "connected" forever and its will is never published ([MQTT-3.1.2-24]); and the expiry is
+  a ``wait_for`` (a task and a timer) around every packet read;
 - a malformed packet (bad remaining length, invalid UTF-8, an oversized body) is "discarded" and the
   loop reads on from the middle of a packet, so the stream never resynchronises and the connection
   is never closed; a reserved packet type only half-closes it.
@@ -26,10 +27,6 @@ from amqtt.session import OUTGOING
 
 log = logging.getLogger(__name__)
 
-# How long one delivery waits for its acknowledgement before giving up for this connection; the
-# message stays in flight and is re-sent when the session reconnects.
-_ACK_TIMEOUT = 60.0
-
 _DISPATCH = {
     CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
     SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
@@ -43,23 +40,30 @@ class OtaProtocolHandler(BrokerProtocolHandler):
     # and waits for the bytes; a packet announced bigger than this closes the connection instead.
     max_packet_size = 1024 * 1024
 
+    def _init_session(self, session) -> None:
+        super()._init_session(session)
+        # amqtt re-arms a write-side keepalive timer on every packet it sends, for a callback the
+        # broker leaves empty: a timer per delivered message, for nothing. Only clients ping.
+        self.keepalive_timeout = None
+        self._last_received = 0.0
+        self._keepalive_expired = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
     async def _reader_loop(self) -> None:
         assert self.session is not None and self._reader_ready is not None and self.reader is not None
         client_id = self.session.client_id
-        keepalive = self.session.keep_alive if self.session.keep_alive > 0 else None
-        running: collections.deque[asyncio.Task] = collections.deque()
+        loop = asyncio.get_running_loop()
+        self._last_received = loop.time()
+        if self.session.keep_alive > 0:
+            self._watch_keepalive(loop)
+        running: set[asyncio.Task] = set()
         self._reader_ready.set()
         try:
             while True:
-                while running and running[0].done():
-                    running.popleft()
-                try:
-                    header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=keepalive)
-                except TimeoutError:
-                    log.info("client %s sent nothing for 1.5 x its keepalive: closing [MQTT-3.1.2-24]", client_id)
-                    break
+                header = await MQTTFixedHeader.from_stream(self.reader)
                 if header is None:
                     break  # EOF
+                self._last_received = loop.time()
                 handler_name = _DISPATCH.get(header.packet_type)
                 if header.packet_type == CONNECT:
                     log.warning("client %s sent a second CONNECT: closing [MQTT-3.1.0-2]", client_id)
@@ -72,19 +76,42 @@ class OtaProtocolHandler(BrokerProtocolHandler):
                                 client_id, header.remaining_length, self.max_packet_size)
                     break
                 packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
-                running.append(asyncio.create_task(getattr(self, handler_name)(packet)))
+                if header.packet_type == PUBLISH and packet.qos == 2:
+                    # Its flow waits for the client's PUBREL, which this loop has yet to read.
+                    task = asyncio.create_task(self.handle_publish(packet))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                else:
+                    # Everything else completes at once; handling it inline keeps the packet order
+                    # and spares a task per acknowledgement.
+                    await getattr(self, handler_name)(packet)
         except asyncio.CancelledError:
-            pass
+            if self._keepalive_expired:
+                log.info("client %s sent nothing for 1.5 x its keepalive: closing [MQTT-3.1.2-24]", client_id)
         except Exception as exc:  # malformed input of any kind: close this connection, nothing else
             log.warning("client %s sent a malformed packet (%s): closing", client_id, exc)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in running:
-            if not task.done():
-                task.cancel()
+            task.cancel()
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
 
+    def _watch_keepalive(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One timer per keepalive period, not one per packet: when it fires it checks when the
+        client was last heard from and either ends the connection or sleeps for the remainder."""
+        period = self.session.keep_alive  # already 1.5 x the client's keepalive (see OtaBroker)
 
+        def check() -> None:
+            remaining = self._last_received + period - loop.time()
+            if remaining > 0:
+                self._watchdog = loop.call_later(remaining, check)
+            elif self._reader_task is not None and not self._reader_task.done():
+                self._keepalive_expired = True
+                self._reader_task.cancel()
+
+        self._watchdog = loop.call_later(period, check)
 
     # --- outgoing QoS 1 and 2: keep what the client has not acknowledged ---
     #
@@ -127,12 +154,14 @@ class OtaProtocolHandler(BrokerProtocolHandler):
             self.session.inflight_out.pop(app_message.packet_id, None)
 
     async def _wait_ack(self, waiters: dict, packet_id: int):
-        """The acknowledgement, or None when it did not come (the message stays in flight)."""
+        """The acknowledgement, or None when the connection ended first (the message stays in
+        flight). No timer: MQTT 3.1.1 re-sends only on reconnect, and a connection that stops
+        answering is ended by the keepalive watchdog, which whose end cancels this wait."""
         waiter = asyncio.get_running_loop().create_future()
         waiters[packet_id] = waiter
         try:
-            return await asyncio.wait_for(waiter, _ACK_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError):
+            return await waiter
+        except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
