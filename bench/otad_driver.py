@@ -43,9 +43,6 @@ async def main() -> None:
     daemon = Daemon(settings)
     await daemon.start()
     tune_garbage_collector()  # as otad serve does
-    import gc, os
-    if os.environ.get("NOGC"):
-        gc.disable()
     services = daemon.services
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -68,6 +65,8 @@ async def main() -> None:
             path.write_text(json.dumps({device.name: device.password for device in added}))
             await services.packages.upload(name="fw", product_id=1, original_name="fw.bin",
                                            chunks=_one_chunk(b"firmware" * 1000))
+            # dev0 polls otaPassiveEnable during the storm: give it something to be told.
+            await services.passive.pin({"deviceName": "dev0", "name": "fw", "versionName": "1.0"})
             answer({"passwords": str(path)})
         elif command == "fanout":
             count = int(args[0])
@@ -82,6 +81,19 @@ async def main() -> None:
             for i in range(count):
                 await services.upgrades.enable("fw", f"dev{i}")
             answer({"seconds": time.perf_counter() - started})
+        elif command == "trace-start":
+            import tracemalloc
+            tracemalloc.start(3)
+            answer({})
+        elif command == "trace-top":
+            import tracemalloc
+            import gc as _gc
+            _gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+            stats = snapshot.statistics("lineno")
+            total = sum(stat.size for stat in stats)
+            answer({"total_kb": total // 1024, "top": [f"{stat.size // 1024} KB {stat.count} {stat.traceback[0]}"
+                                                        for stat in stats[:30]]})
         elif command == "rss":
             answer({"rss_kb": rss_kb()})
         elif command == "quit":

@@ -28,10 +28,6 @@ from otad.mqtt.topic_index import TopicTrie
 
 log = logging.getLogger(__name__)
 
-# Attributes otad keeps on amqtt's Session objects.
-_VERDICT = "otad_verdict"
-_FILTERS = "otad_filters"
-
 
 def _is_wildcard(topic_filter: str) -> bool:
     return "+" in topic_filter or "#" in topic_filter
@@ -92,17 +88,17 @@ class OtaBroker(Broker):
         else:
             incoming.parent = 0
             session = incoming
-        setattr(session, _VERDICT, verdict)
+        session.otad_verdict = verdict
         if session.keep_alive > 0:
             # [MQTT-3.1.2-24] the server allows one and a half keepalive periods.
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
         return handler, session
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
-        return getattr(session, _VERDICT, Verdict.REFUSED) != Verdict.REFUSED
+        return session.otad_verdict in (Verdict.DEVICE, Verdict.ANONYMOUS)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        allowed = self._policy.may_use(getattr(session, _VERDICT, None), session.username, topic)
+        allowed = self._policy.may_use(session.otad_verdict, session.username, topic)
         if not allowed and action != Action.RECEIVE:
             log.warning("MQTT %s refused: %r may not use %r", action.value, session.username, topic)
         return allowed
@@ -208,7 +204,7 @@ class OtaBroker(Broker):
         publish_qos = QOS_2 if publish_qos is None else publish_qos
         for session, granted_qos in self._subscribers_of(topic).values():
             qos = min(publish_qos, granted_qos)
-            if not self._policy.may_use(getattr(session, _VERDICT, None), session.username, topic):
+            if not self._policy.may_use(session.otad_verdict, session.username, topic):
                 continue
             if session.transitions.state != "connected":
                 # 3.1.2.4: a persistent session keeps QoS 1 and 2 messages while it is offline.
@@ -298,11 +294,9 @@ class OtaBroker(Broker):
                 entries[index] = (session, granted)
         if _is_wildcard(topic_filter):
             self._wildcard_filters.add(topic_filter)
-        filters = getattr(session, _FILTERS, None)
-        if filters is None:
-            filters = set()
-            setattr(session, _FILTERS, filters)
-        filters.add(topic_filter)
+        if session.otad_filters is None:
+            session.otad_filters = set()
+        session.otad_filters.add(topic_filter)
         return granted
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
@@ -310,12 +304,13 @@ class OtaBroker(Broker):
         if a_filter in self._subscriptions and not self._subscriptions[a_filter]:
             del self._subscriptions[a_filter]
             self._wildcard_filters.discard(a_filter)
-        getattr(session, _FILTERS, set()).discard(a_filter)
+        if session.otad_filters:
+            session.otad_filters.discard(a_filter)
         return deleted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         """Defect: amqtt walks every filter of every session for each departing clean session."""
-        for topic_filter in list(getattr(session, _FILTERS, ())):
+        for topic_filter in list(session.otad_filters or ()):
             self._del_subscription(topic_filter, session)
 
     # --- retained messages ---
@@ -340,7 +335,7 @@ class OtaBroker(Broker):
         sends = []
         for topic in topics:
             retained = self._retained_messages[topic]
-            if self._policy.may_use(getattr(session, _VERDICT, None), session.username, topic):
+            if self._policy.may_use(session.otad_verdict, session.username, topic):
                 sends.append(asyncio.ensure_future(handler.mqtt_publish(
                     topic, retained.data, min(qos, QOS_2 if retained.qos is None else retained.qos), retain=True)))
         if sends:

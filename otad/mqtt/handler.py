@@ -25,6 +25,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING
 
+from otad.mqtt.light import LightEvent, LightQueue
+
 log = logging.getLogger(__name__)
 
 _DISPATCH = {
@@ -39,6 +41,25 @@ class OtaProtocolHandler(BrokerProtocolHandler):
     # Set by the broker from mqtt.max_packet_size. amqtt believes any remaining length up to 256 MB
     # and waits for the bytes; a packet announced bigger than this closes the connection instead.
     max_packet_size = 1024 * 1024
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # See otad.mqtt.light: the same behaviour for a fraction of the memory per connection.
+        self._pending_subscriptions = LightQueue()  # type: ignore[assignment]
+        self._pending_unsubscriptions = LightQueue()  # type: ignore[assignment]
+        self._reader_stopped = LightEvent()  # type: ignore[assignment]
+
+    async def start(self) -> None:
+        """amqtt's start, with light events."""
+        if not self._is_attached():
+            raise RuntimeError("handler is not attached to a stream")
+        self._reader_ready = LightEvent()  # type: ignore[assignment]
+        self._reader_stopped = LightEvent()  # type: ignore[assignment]
+        self._reader_task = asyncio.create_task(self._reader_loop())
+        await self._reader_ready.wait()
+        await self._retry_deliveries()
+        if self._disconnect_waiter is None or self._disconnect_waiter.done():
+            self._disconnect_waiter = asyncio.get_running_loop().create_future()
 
     def _init_session(self, session) -> None:
         super()._init_session(session)

@@ -5,6 +5,7 @@ callbacks as objects): about 20 KB and tens of microseconds per CONNECT, for a t
 On a gateway holding ten thousand idle devices that is most of the broker's memory per device
 (stack-notes: ~54 KB). ``SessionStates`` keeps the interface amqtt uses (``state``, ``connect()``,
 ``disconnect()``, ``is_connected()``, ...) and the same rules, raising the same ``MachineError``.
+Its queues are ``LightQueue``s (see ``otad.mqtt.light``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import Session
 from transitions import MachineError
+
+from otad.mqtt.light import LightQueue
 
 # trigger -> {source state: destination state}, as amqtt's Session._init_states declares them.
 _TRANSITIONS = {
@@ -56,8 +59,23 @@ class SessionStates:
 
 
 class LightSession(Session):
+    # otad's own per-session state lives in slots: added to the instance dict, two more keys would
+    # make every session's dict grow into a private 1.5 KB copy.
+    __slots__ = ("otad_verdict", "otad_filters")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained_messages = LightQueue()  # type: ignore[assignment]
+        self.delivered_message_queue = LightQueue()  # type: ignore[assignment]
+        self.otad_verdict = None
+        self.otad_filters: set[str] | None = None
+
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)  # type: ignore[assignment]
+
+    def clear_queues(self) -> None:
+        self.retained_messages = LightQueue()  # type: ignore[assignment]
+        self.delivered_message_queue = LightQueue()  # type: ignore[assignment]
 
 
 def use_light_sessions() -> None:

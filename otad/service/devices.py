@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NotFound
@@ -30,6 +31,11 @@ class DeviceRegistry:
         # goes through this registry, which forgets the entry.
         self._login_cache: dict[str, str] = {}
         self._deletions = 0  # a lookup that raced a deletion must not re-cache the deleted device
+        self._delete_listeners: list[Callable[[str, None], object]] = []
+
+    def on_delete(self, listener: Callable[[str, None], object]) -> None:
+        """Call ``listener(name, None)`` after a device is deleted (other use cases' caches)."""
+        self._delete_listeners.append(listener)
 
     async def warm_login_cache(self) -> int:
         self._login_cache = {device.name: device.password_hash for device in await repo.list_devices()}
@@ -73,6 +79,8 @@ class DeviceRegistry:
         deleted = await repo.delete_device(name)
         self._deletions += 1
         self._login_cache.pop(name, None)
+        for listener in self._delete_listeners:
+            listener(name, None)
         if not deleted:
             raise NotFound(f"参数无效: no device named '{name}'")
         await self._publisher.forget_device(name)

@@ -12,6 +12,10 @@ from otad.store.records import PassivePinRecord
 class PassivePins:
     def __init__(self, devices: DeviceRegistry) -> None:
         self._devices = devices
+        # Device name -> its pin, for the poll devices repeat all day. Filled on a poll, dropped on
+        # every change that could alter an answer: a pin saved or deleted, or the device deleted.
+        self._poll_cache: dict[str, PassivePinRecord] = {}
+        devices.on_delete(self._poll_cache.pop)
 
     async def pin(self, body: object) -> PassivePinRecord:
         """``{"deviceName","name","description","versionName"}``: pin (or re-pin) the device's package."""
@@ -24,14 +28,19 @@ class PassivePins:
         package = await repo.find_package(device.product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
-        return await repo.save_passive_pin(device.id, package.id, version_name, description)
+        saved = await repo.save_passive_pin(device.id, package.id, version_name, description)
+        self._poll_cache.pop(device.name, None)
+        return saved
 
     async def for_device(self, device_name: object) -> PassivePinRecord:
         """What a polling device is told; NotFound (1001) for an unknown device or one with no pin."""
+        if isinstance(device_name, str) and (cached := self._poll_cache.get(device_name)) is not None:
+            return cached
         device = await self._devices.get(device_name)
         pin = await repo.find_passive_pin(device.name)
         if pin is None:
             raise NotFound(f"参数无效: no passive upgrade is set for device '{device.name}'")
+        self._poll_cache[device.name] = pin
         return pin
 
     async def list(self) -> list[PassivePinRecord]:
@@ -41,3 +50,4 @@ class PassivePins:
         pin_id = parse_int(raw_id, "id")
         if not await repo.delete_passive_pin(pin_id):
             raise NotFound(f"参数无效: no passive pin with id {pin_id}")
+        self._poll_cache.clear()  # pins are few and rarely deleted; no need to find the device
