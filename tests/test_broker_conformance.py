@@ -317,3 +317,32 @@ async def test_garbage_after_connect_closes_the_connection(lab):
     client = await _client(lab.mqtt_port, "garbage")
     client.send(bytes([0x30, 0x80, 0x80, 0x80, 0x80, 0x01]) + b"junk")
     assert await client.closed_by_server(timeout=3)
+
+
+async def test_session_takeover_closes_the_old_connection_and_keeps_one_subscription(lab):
+    """3.1.4 [MQTT-3.1.4-2]: a second CONNECT with the same client id disconnects the first."""
+    first = await _client(lab.mqtt_port, "twin", clean=False)
+    assert await first.subscribe(("tw/t", 1)) == [1]
+    second = RawClient(lab.mqtt_port)
+    assert await second.connect("twin", clean=False) == (True, 0)
+    assert await first.closed_by_server(timeout=3)
+    pub = await _client(lab.mqtt_port, "pub")
+    await pub.publish("tw/t", b"once", qos=1)
+    assert (await second.message()).payload == b"once"
+    assert await second.no_message()
+    await second.close()
+    await pub.close()
+
+
+async def test_clean_session_takeover_closes_the_old_connection_too(lab):
+    first = await _client(lab.mqtt_port, "twin")
+    await first.subscribe(("tw/c", 1))
+    second = await _client(lab.mqtt_port, "twin")
+    assert await first.closed_by_server(timeout=3)
+    assert await second.subscribe(("tw/c", 1)) == [1]
+    pub = await _client(lab.mqtt_port, "pub")
+    await pub.publish("tw/c", b"x", qos=1)
+    assert (await second.message()).payload == b"x"
+    assert await second.no_message()
+    await second.close()
+    await pub.close()

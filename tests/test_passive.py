@@ -112,3 +112,13 @@ async def test_public_url_is_used_for_the_download_url(tmp_path):
     finally:
         await instance.session.close()
         await instance.daemon.stop()
+
+
+async def test_a_cached_poll_is_dropped_when_the_device_is_deleted(otad):
+    await _setup(otad)
+    await _pin(otad)
+    status, _ = await _poll(otad)
+    assert status == 200  # now cached
+    await otad.request("DELETE", "/api/v2/devices", params={"deviceName": "dev1"})
+    status, body = await _poll(otad)
+    assert_error(status, body, 404, 1001)

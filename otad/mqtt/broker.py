@@ -76,6 +76,11 @@ class OtaBroker(Broker):
         existing = self._sessions.get(incoming.client_id, (None, None))[0]
 
         if incoming.clean_session:
+            if existing is not None and existing.transitions.is_connected():
+                # [MQTT-3.1.4-2] close the previous connection, which amqtt left running detached.
+                _, old_handler = self._sessions[incoming.client_id]
+                await old_handler.handle_connection_closed()
+                await old_handler.stop()
             await self._delete_session(incoming.client_id)
             incoming.parent = 0
             session = incoming
@@ -114,26 +119,32 @@ class OtaBroker(Broker):
         """
         if not await self._authenticate(client_session, None):
             return
-        while True:
-            try:
-                client_session.transitions.connect()
-                break
-            except Exception:  # transitions' MachineError: the session is still marked connected
-                if client_session.transitions.is_connected():
-                    log.info("client %s reconnected: taking over its session", client_session.client_id)
-                    _, old_handler = self._sessions[client_session.client_id]
-                    await old_handler.handle_connection_closed()
-                    await old_handler.stop()
-                    break
-                raise
+        previous = self._sessions.get(client_session.client_id)
         handler.attach(client_session, reader, writer)
+        # Registered before the old connection is told to go, so its teardown sees it was replaced.
         self._sessions[client_session.client_id] = (client_session, handler)
+        if client_session.transitions.is_connected() and previous is not None:
+            # [MQTT-3.1.4-2] the same client connected again: close its old connection.
+            log.info("client %s reconnected: closing its previous connection", client_session.client_id)
+            await previous[1].handle_connection_closed()
+            await previous[1].stop()
+        else:
+            client_session.transitions.connect()
         await handler.mqtt_connack_authorize(True)
         await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
                                               client_session=client_session)
         await handler.start()  # re-sends unacknowledged QoS 1/2 messages with DUP [MQTT-4.4.0-1]
         await self._publish_session_retained_messages(client_session)
         await self._client_message_loop(client_session, handler)
+
+    async def _handle_disconnect(self, client_session: Session, handler, disconnect_waiter) -> None:
+        """Defect: after a takeover amqtt lets the old connection's teardown mark the shared
+        session disconnected, so the new connection's messages were queued instead of sent."""
+        current = self._sessions.get(client_session.client_id)
+        if current is not None and current[1] is not handler:
+            await self._stop_handler(handler)  # taken over: the session belongs to the new connection
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Send what was queued while the session was offline.
