@@ -48,6 +48,11 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class UpgradeSettings:
+    timeout: float  # seconds an upgrade may take before it is timed_out
+
+
+@dataclass(frozen=True)
 class XiaozhiSettings:
     default_product_id: int | None  # where unknown boards are registered; None: answer without upgrade
     timezone_offset: int | None  # minutes east of UTC in server_time; None: the host's offset
@@ -63,6 +68,7 @@ class Settings:
     http: HttpSettings
     mqtt: MqttSettings
     api: ApiSettings
+    upgrade: UpgradeSettings
     xiaozhi: XiaozhiSettings
 
     @property
@@ -257,6 +263,7 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.max_connections", _parse_positive_int, 20_000),
     Key("mqtt.max_packet_size", _parse_size, 1024**2),
     Key("api.always_http_200", _parse_bool, False),
+    Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("xiaozhi.default_product_id", _parse_optional_product_id, None, qualified=True),
     Key("xiaozhi.timezone_offset", _parse_minutes_offset, None, qualified=True),
     Key("xiaozhi.websocket", _parse_table, None, qualified=True),
@@ -343,6 +350,7 @@ def load_settings(
             max_packet_size=values["mqtt.max_packet_size"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
+        upgrade=UpgradeSettings(timeout=values["upgrade.timeout"]),
         xiaozhi=XiaozhiSettings(
             default_product_id=values["xiaozhi.default_product_id"],
             timezone_offset=values["xiaozhi.timezone_offset"],

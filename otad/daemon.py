@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import gc
 import logging
 import os
 import signal
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 
 from aiohttp import web
 
@@ -22,9 +25,17 @@ from otad.http.inflight import InFlight
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
+from otad.service.upgrades import utc_now
 from otad.store.database import Database
 
 log = logging.getLogger(__name__)
+
+_MAINTENANCE_INTERVAL = 5.0
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def prepare_data_dir(settings: Settings) -> None:
@@ -73,8 +84,10 @@ async def open_database(settings: Settings):
 class Daemon:
     """One otad: the database, the embedded broker and the HTTP server, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
+        self._clock = clock
+        self._context = contextvars.copy_context()
         self.services: Services | None = None
         self._stack = contextlib.AsyncExitStack()
         self._broker = EmbeddedBroker(settings.mqtt)
@@ -104,15 +117,26 @@ class Daemon:
         prepare_data_dir(settings)
         self._stack.enter_context(exclusive_data_dir(settings))
         await self._stack.enter_async_context(open_database(settings))
+        self._context = contextvars.copy_context()
         firmware = FirmwareStore(settings.firmware_dir)
         firmware.prepare()
         self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size,
-                                                  settings.xiaozhi.default_product_id)
+                                                  settings.xiaozhi.default_product_id, settings.upgrade.timeout,
+                                                  self._clock)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await services.devices.warm_login_cache()
-        await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous))
+
+        async def on_report(device_name: str, payload: bytes) -> bytes:
+            return (await services.reports.apply(device_name, payload)).to_json()
+
+        # Stopped in reverse: the broker's last disconnects are noted before presence is written.
+        self._stack.push_async_callback(services.devices.flush_presence)
+        await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
+                                 services.devices.note_presence)
         self._stack.push_async_callback(self._broker.stop)
+        maintenance = asyncio.create_task(self._maintain(services), name="otad-maintenance")
+        self._stack.push_async_callback(_cancel, maintenance)
         restored = await services.upgrades.restore_pending()
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
@@ -129,6 +153,16 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
         log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
 
+    async def _maintain(self, services: Services) -> None:
+        """Every few seconds: time out overdue upgrades, write devices' presence. Survives errors."""
+        while True:
+            await asyncio.sleep(_MAINTENANCE_INTERVAL)
+            for job in (services.upgrades.expire_due, services.devices.flush_presence):
+                try:
+                    await job()
+                except Exception:
+                    log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
+
     async def _stop_http(self) -> None:
         assert self._runner is not None
         if self._site is not None:
@@ -138,8 +172,12 @@ class Daemon:
         await self._runner.cleanup()
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then broker and database."""
-        await self._stack.aclose()
+        """Stop accepting, let in-flight requests finish (bounded), then broker and database.
+
+        Runs in the context the daemon started in: the ORM's connections are found through a
+        context variable, and the caller of stop() may be another task (a signal handler, a test
+        fixture) that never saw them."""
+        await asyncio.create_task(self._stack.aclose(), context=self._context)
 
 
 def tune_garbage_collector() -> None:

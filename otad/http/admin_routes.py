@@ -84,7 +84,8 @@ async def ota_delete(request: web.Request) -> web.Response:
 @routes.post("/api/v2/otaEnable")
 async def ota_enable(request: web.Request) -> web.Response:
     query = request.rel_url.query
-    upgrade = await request.app[SERVICES].upgrades.enable(query.get("name"), query.get("deviceName"))
+    upgrade = await request.app[SERVICES].upgrades.enable(query.get("name"), query.get("deviceName"),
+                                                          query.get("timeout"))
     return ok([enabled_view(upgrade.package, upgrade.version)])
 
 

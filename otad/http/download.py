@@ -72,4 +72,6 @@ async def download(request: web.Request) -> web.StreamResponse:
     package = await services.packages.find_by_file(file_name) if path is not None else None
     if path is None or package is None:
         return web.Response(status=404)  # as the original: a bare 404, nothing a device could flash
+    if device_name := request.rel_url.query.get("deviceName"):
+        await services.reports.note_download(file_name, device_name)  # evidence the upgrade is under way
     return FirmwareResponse(path, package.original_name)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from otad.service import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
+from otad.service import (DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
+                          XiaozhiPinRecord)
 from otad.service.devices import NewDevice
 
 
@@ -47,6 +48,9 @@ def device_view(device: DeviceRecord) -> dict[str, Any]:
         "appVersion": inventory.app_version, "boardType": inventory.board_type,
         "boardName": inventory.board_name, "chip": inventory.chip, "elfSha256": inventory.elf_sha256,
         "remoteAddr": inventory.remote_addr, "lastCheckAt": timestamp(inventory.last_check_at),
+        # From its OTA reports and its MQTT connection.
+        "firmwareVersion": device.firmware_version, "online": device.online,
+        "lastSeen": timestamp(device.last_seen),
     }
 
 
@@ -79,3 +83,17 @@ def xiaozhi_pin_saved_view(pin: XiaozhiPinRecord) -> dict[str, Any]:
 def xiaozhi_pin_view(pin: XiaozhiPinRecord) -> dict[str, Any]:
     # otad keeps no product registry, so the original's productName has no value to show.
     return {**xiaozhi_pin_saved_view(pin), "otaName": pin.package.name, "productName": None}
+
+
+def upgrade_view(upgrade: UpgradeRecord) -> dict[str, Any]:
+    return {
+        "version": upgrade.version, "deviceName": upgrade.device_name, "otaId": upgrade.package_id,
+        "fileName": upgrade.file_name, "md5": upgrade.md5, "state": upgrade.state, "progress": upgrade.progress,
+        "message": upgrade.message, "createdAt": timestamp(upgrade.created_at),
+        "updatedAt": timestamp(upgrade.updated_at), "timeoutAt": timestamp(upgrade.timeout_at),
+        "finishedAt": timestamp(upgrade.finished_at),
+    }
+
+
+def event_view(event: UpgradeEventRecord) -> dict[str, Any]:
+    return {"at": timestamp(event.at), "state": event.state, "source": event.source, "detail": event.detail}

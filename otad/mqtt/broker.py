@@ -15,16 +15,17 @@ from typing import Any
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.errors import MQTTError
-from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from otad.mqtt.access import AccessPolicy, Verdict
+from otad.mqtt.events import DeviceEvents
 from otad.mqtt.handler import OtaProtocolHandler
 from otad.mqtt.session import use_light_sessions
 from otad.mqtt.topic_index import TopicTrie
+from otad.mqtt.topics import reporting_device
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ def _is_wildcard(topic_filter: str) -> bool:
 
 
 class OtaBroker(Broker):
-    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int) -> None:
+    def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int,
+                 events: DeviceEvents) -> None:
         use_light_sessions()
         super().__init__(config)
         self._policy = policy
         self._max_packet_size = max_packet_size
+        self._events = events
         self._deliveries: set[asyncio.Future] = set()
         self._wildcard_filters = TopicTrie()  # exact filters are keys of self._subscriptions already
         self._retained_topics = TopicTrie()
@@ -131,8 +134,8 @@ class OtaBroker(Broker):
         else:
             client_session.transitions.connect()
         await handler.mqtt_connack_authorize(True)
-        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id,
-                                              client_session=client_session)
+        if client_session.otad_verdict == Verdict.DEVICE:
+            self._events.presence(client_session.username, True)
         await handler.start()  # re-sends unacknowledged QoS 1/2 messages with DUP [MQTT-4.4.0-1]
         await self._publish_session_retained_messages(client_session)
         await self._client_message_loop(client_session, handler)
@@ -145,6 +148,8 @@ class OtaBroker(Broker):
             await self._stop_handler(handler)  # taken over: the session belongs to the new connection
             return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        if client_session.otad_verdict == Verdict.DEVICE:
+            self._events.presence(client_session.username, False)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Send what was queued while the session was offline.
@@ -184,9 +189,9 @@ class OtaBroker(Broker):
             return True
         if not await self._topic_filtering(client_session, topic, Action.PUBLISH):
             return True  # dropped and logged [MQTT-3.3.5-2]
-        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id,
-                                              message=message)
         self._deliver(client_session, topic, message.data, message.qos)
+        if (device := reporting_device(topic)) is not None:
+            self._events.inbound(device, bytes(message.data))
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, message.data, message.qos)
         return True
@@ -363,6 +368,10 @@ class OtaBroker(Broker):
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
             self._deliver(None, topic, payload, QOS_1)
+
+    def publish(self, topic: str, payload: bytes, qos: int = QOS_1) -> None:
+        """An in-process publish, not retained (replies to devices)."""
+        self._deliver(None, topic, payload, qos)
 
     async def end_sessions_of(self, username: str) -> int:
         """Disconnect and discard every session (live or persistent) logged in as ``username``."""

@@ -14,7 +14,8 @@ from otad.errors import StartupError
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.admission import TurnGate
 from otad.mqtt.broker import OtaBroker
-from otad.mqtt.topics import ota_command_topic
+from otad.mqtt.events import DeviceEvents, PresenceHandler, ReportHandler
+from otad.mqtt.topics import ota_command_topic, ota_report_reply_topic
 from otad.mqtt.wire import ProtocolRefused, ReplayReader, read_first_packet
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class EmbeddedBroker:
     def __init__(self, settings: MqttSettings) -> None:
         self._settings = settings
         self._broker: OtaBroker | None = None
+        self._events: DeviceEvents | None = None
         self._server: asyncio.Server | None = None
         self._connections = 0
         self._handshakes = TurnGate(_HANDSHAKES_PER_TURN)
@@ -49,9 +51,11 @@ class EmbeddedBroker:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    async def start(self, policy: AccessPolicy) -> None:
-        self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size)
+    async def start(self, policy: AccessPolicy, on_report: ReportHandler, on_presence: PresenceHandler) -> None:
+        self._events = DeviceEvents(on_report, on_presence, self._reply)
+        self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size, self._events)
         await self._broker.start()
+        self._events.start()
         try:
             # asyncio uses one number for two things: the kernel's accept queue and how many
             # connections it accepts per event-loop turn. A fleet reconnecting at once (after a
@@ -104,7 +108,13 @@ class EmbeddedBroker:
             if not writer.is_closing():
                 writer.close()
 
+    def _reply(self, device_name: str, payload: bytes) -> None:
+        assert self._broker is not None
+        self._broker.publish(ota_report_reply_topic(device_name), payload)
+
     async def stop(self) -> None:
+        if self._events is not None:
+            await self._events.stop()
         if self._server is not None:
             self._server.close()
         if self._broker is not None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 DEVICE_ROOT = "/oc/devices/{device}"
 OTA_COMMAND = DEVICE_ROOT + "/sys/ota"
+OTA_REPORT = DEVICE_ROOT + "/sys/ota/report"
+OTA_REPORT_REPLY = DEVICE_ROOT + "/sys/ota/report_reply"
+_ROOT_PREFIX, _REPORT_SUFFIX = DEVICE_ROOT.split("{device}")[0], OTA_REPORT.split("{device}")[1]
 
 
 def ota_command_topic(device_name: str) -> str:
@@ -18,3 +21,16 @@ def is_own_topic(device_name: str, topic_or_filter: str) -> bool:
     """
     root = DEVICE_ROOT.format(device=device_name)
     return topic_or_filter == root or topic_or_filter.startswith(root + "/")
+
+
+def ota_report_reply_topic(device_name: str) -> str:
+    return OTA_REPORT_REPLY.format(device=device_name)
+
+
+def reporting_device(topic: str) -> str | None:
+    """The device name when ``topic`` is a device's OTA report topic, else None."""
+    if topic.startswith(_ROOT_PREFIX) and topic.endswith(_REPORT_SUFFIX):
+        name = topic[len(_ROOT_PREFIX):-len(_REPORT_SUFFIX)]
+        if name and "/" not in name:
+            return name
+    return None

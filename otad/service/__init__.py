@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.devices import DeviceRegistry
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
+from otad.service.reports import Reports
 from otad.service.ports import Publisher
-from otad.service.upgrades import UpgradeService
+from otad.service.upgrades import UpgradeService, utc_now
 from otad.service.xiaozhi import XiaozhiBoards
 # The records the use cases return, for the adapters to render; they come from the store as plain data.
-from otad.store.records import DeviceRecord, PackageRecord, PassivePinRecord, XiaozhiPinRecord
+from otad.store.records import (DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
+                                XiaozhiPinRecord)
 
-__all__ = ["DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "XiaozhiPinRecord", "build_services"]
+__all__ = ["DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "UpgradeEventRecord", "UpgradeRecord",
+           "XiaozhiPinRecord", "build_services"]
 
 
 @dataclass(frozen=True)
@@ -26,19 +31,23 @@ class Services:
     devices: DeviceRegistry
     packages: PackageCatalog
     upgrades: UpgradeService
+    reports: Reports
     passive: PassivePins
     xiaozhi: XiaozhiBoards
     firmware: FirmwareStore
 
 
 def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
-                   xiaozhi_default_product_id: int | None = None) -> Services:
+                   xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
+                   clock: Callable[[], datetime] = utc_now) -> Services:
     devices = DeviceRegistry(publisher)
+    upgrades = UpgradeService(devices, publisher, upgrade_timeout, clock)
     return Services(
         admins=AdminAuth(),
         devices=devices,
         packages=PackageCatalog(firmware, publisher, max_upload_size),
-        upgrades=UpgradeService(devices, publisher),
+        upgrades=upgrades,
+        reports=Reports(upgrades),
         passive=PassivePins(devices),
         xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),
         firmware=firmware,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NotFound
 from otad.service import credentials
@@ -32,6 +33,22 @@ class DeviceRegistry:
         self._login_cache: dict[str, str] = {}
         self._deletions = 0  # a lookup that raced a deletion must not re-cache the deleted device
         self._delete_listeners: list[Callable[[str, None], object]] = []
+        # Connects and disconnects, kept in memory and written in batches: a fleet reconnecting at
+        # once must not become thousands of single-row writes.
+        self._presence: dict[str, tuple[bool, datetime]] = {}
+
+    def note_presence(self, name: str, online: bool) -> None:
+        self._presence[name] = (online, datetime.now(timezone.utc))
+
+    async def flush_presence(self) -> int:
+        pending, self._presence = self._presence, {}
+        if pending:
+            try:
+                await repo.save_presence(pending)
+            except BaseException:
+                self._presence = {**pending, **self._presence}  # written next time
+                raise
+        return len(pending)
 
     def on_delete(self, listener: Callable[[str, None], object]) -> None:
         """Call ``listener(name, None)`` after a device is deleted (other use cases' caches)."""
@@ -72,7 +89,11 @@ class DeviceRegistry:
         return device
 
     async def list(self) -> list[DeviceRecord]:
-        return await repo.list_devices()
+        devices = await repo.list_devices()
+        if not self._presence:
+            return devices
+        return [replace(d, online=self._presence[d.name][0], last_seen=self._presence[d.name][1])
+                if d.name in self._presence else d for d in devices]
 
     async def delete(self, name: str) -> None:
         name = check_device_name(name)

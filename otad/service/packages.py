@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 from otad.errors import Conflict, NotFound, StillReferenced
 from otad.firmware import FirmwareStore
@@ -73,7 +74,8 @@ class PackageCatalog:
         in_use = StillReferenced("存在依赖关系，无法删除: a passive or xiaozhi pin uses this package; delete the pin first")
         if await repo.package_is_pinned(package.id):
             raise in_use
-        devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED)
+        devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED,
+                                                       datetime.now(timezone.utc))
         for device_name in devices:
             await self._publisher.clear_command(device_name)
         try:

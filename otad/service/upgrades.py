@@ -1,26 +1,34 @@
-"""Push upgrades: enable one for a device, and bring the pending commands back after a restart."""
+"""Push upgrades: enable, track to the end (reports, timeouts, cancel), and restore after a restart."""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
-from otad.errors import NotFound
+from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.devices import DeviceRegistry
 from otad.service.ports import Publisher
-from otad.service.states import OPEN_STATES, UpgradeState
-from otad.service.validation import check_package_name
+from otad.service.states import OPEN_STATES, TERMINAL_STATES, UpgradeState
+from otad.service.validation import check_device_name, check_package_name, parse_int
 from otad.store import repo
-from otad.store.records import PackageRecord
+from otad.store.records import PackageRecord, UpgradeEventRecord, UpgradeRecord
 
 log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 500
 
 
 def ota_command(file_name: str, version: str, md5: str) -> bytes:
     """The command devices already parse: compact JSON, keys in exactly this order."""
     return json.dumps({"fileName": file_name, "version": version, "md5": md5}, separators=(",", ":")).encode()
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -30,25 +38,42 @@ class EnabledUpgrade:
     package: PackageRecord
 
 
+@dataclass(frozen=True)
+class UpgradePage:
+    items: list[UpgradeRecord]
+    total: int
+    page: int
+    page_size: int
+
+
 class UpgradeService:
-    def __init__(self, devices: DeviceRegistry, publisher: Publisher) -> None:
+    def __init__(self, devices: DeviceRegistry, publisher: Publisher, default_timeout: float,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self._devices = devices
         self._publisher = publisher
+        self._default_timeout = default_timeout
+        self.clock = clock
 
-    async def enable(self, name: object, device_name: object) -> EnabledUpgrade:
+    # --- starting ---
+
+    async def enable(self, name: object, device_name: object, timeout: object = None) -> EnabledUpgrade:
         """Send package ``name`` of the device's product to the device, superseding earlier upgrades."""
         name = check_package_name(name)
         device = await self._devices.get(device_name)  # validates the name, NotFound if unknown
         package = await repo.find_package(device.product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
+        seconds = self._default_timeout if timeout in (None, "") else parse_int(timeout, "timeout")
+        if seconds <= 0:
+            raise InvalidInput("参数无效: timeout must be a positive number of seconds")
+        now = self.clock()
         version = str(uuid.uuid4())
         # Recorded before it is sent: if the process dies in between, the restart sends it.
         await repo.record_upgrade(version=version, device_id=device.id, package=package,
-                                  state=UpgradeState.CREATED, superseded_state=UpgradeState.SUPERSEDED,
-                                  open_states=OPEN_STATES)
+                                  state=UpgradeState.CREATED, at=now, timeout_at=now + timedelta(seconds=seconds),
+                                  superseded_state=UpgradeState.SUPERSEDED, open_states=OPEN_STATES)
         await self._publisher.send_command(device.name, ota_command(package.file_name, version, package.md5))
-        await repo.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED)
+        await repo.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         log.info("upgrade %s: package %d '%s' enabled for device %s", version, package.id, name, device.name)
         return EnabledUpgrade(version=version, device_name=device.name, package=package)
 
@@ -58,5 +83,63 @@ class UpgradeService:
         for upgrade in latest.values():
             await self._publisher.keep_command(upgrade.device_name,
                                                ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
-            await repo.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED)
+            await repo.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         return len(latest)
+
+    # --- moving on ---
+
+    async def transition(self, upgrade: UpgradeRecord, to_state: UpgradeState, source: str,
+                         detail: str | None = None, progress: int | None = None,
+                         message: str | None = None) -> bool:
+        """Move ``upgrade`` to ``to_state`` (if nothing moved it meanwhile). An upgrade that ends
+        takes its command with it: never delivered again, retained or queued."""
+        finished = to_state in TERMINAL_STATES
+        moved = await repo.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(), source, detail,
+                                           progress=progress, message=message, finished=finished)
+        if moved and finished and to_state != UpgradeState.SUPERSEDED:
+            await self._publisher.clear_command(upgrade.device_name)
+        if moved:
+            log.info("upgrade %s of %s: %s -> %s (%s)", upgrade.version, upgrade.device_name, upgrade.state,
+                     to_state, source)
+        return moved
+
+    async def cancel(self, version: str) -> UpgradeRecord:
+        upgrade = await self.get(version)
+        if upgrade.state in TERMINAL_STATES or not await self.transition(upgrade, UpgradeState.CANCELLED, "admin"):
+            raise Conflict(f"参数无效: upgrade {version} has already ended ({upgrade.state})")
+        return await self.get(version)
+
+    async def expire_due(self) -> int:
+        """Time out every open upgrade past its deadline; the timeout sweeper calls this."""
+        expired = 0
+        for upgrade in await repo.due_upgrades(self.clock(), OPEN_STATES):
+            if await self.transition(upgrade, UpgradeState.TIMED_OUT, "timeout", "not finished in time"):
+                expired += 1
+        return expired
+
+    # --- looking ---
+
+    async def get(self, version: object) -> UpgradeRecord:
+        if not isinstance(version, str) or not version:
+            raise InvalidInput("参数无效: version")
+        upgrade = await repo.find_upgrade(version)
+        if upgrade is None:
+            raise NotFound(f"参数无效: no upgrade {version}")
+        return upgrade
+
+    async def timeline(self, version: str) -> list[UpgradeEventRecord]:
+        return await repo.upgrade_events(version)
+
+    async def list(self, *, device_name: object = None, state: object = None, page: object = None,
+                   page_size: object = None) -> UpgradePage:
+        device = check_device_name(device_name) if device_name not in (None, "") else None
+        if state not in (None, "") and state not in set(UpgradeState):
+            raise InvalidInput(f"参数无效: state must be one of {', '.join(UpgradeState)}")
+        page_number = 1 if page in (None, "") else max(parse_int(page, "page"), 1)
+        size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
+        items, total = await repo.list_upgrades(device_name=device, state=state or None,
+                                                offset=(page_number - 1) * size, limit=size)
+        return UpgradePage(items=items, total=total, page=page_number, page_size=size)
+
+    async def open_upgrade_of(self, device_name: str) -> UpgradeRecord | None:
+        return await repo.open_upgrade_of(device_name, OPEN_STATES)

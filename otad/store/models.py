@@ -54,6 +54,10 @@ class Device(Model):
     elf_sha256 = fields.CharField(max_length=64, null=True)
     remote_addr = fields.CharField(max_length=64, null=True)
     last_check_at = fields.DatetimeField(null=True)
+    # From the device's own reports and its MQTT connection.
+    firmware_version = fields.CharField(max_length=128, null=True)
+    online = fields.BooleanField(default=False)
+    last_seen = fields.DatetimeField(null=True)
 
     class Meta:
         table = "device"
@@ -90,11 +94,29 @@ class Upgrade(Model):
     file_name = fields.CharField(max_length=64)
     md5 = fields.CharField(max_length=32)
     state = fields.CharField(max_length=16, db_index=True)
+    progress = fields.IntField(null=True)
+    message = fields.TextField(null=True)
+    timeout_at = fields.DatetimeField(null=True, db_index=True)
+    finished_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
     updated_at = fields.DatetimeField(auto_now=True)
 
     class Meta:
         table = "upgrade"
+
+
+class UpgradeEvent(Model):
+    """One entry of an upgrade's timeline: a state change, or a report that did not change it."""
+
+    id = fields.IntField(primary_key=True)
+    upgrade = fields.ForeignKeyField("models.Upgrade", related_name="events", on_delete=fields.CASCADE)
+    at = fields.DatetimeField()
+    state = fields.CharField(max_length=16)
+    source = fields.CharField(max_length=16)  # "server", "device", "download", "timeout", "admin"
+    detail = fields.TextField(null=True)  # the device's report as JSON, or why
+
+    class Meta:
+        table = "upgrade_event"
 
 
 class PassivePin(Model):

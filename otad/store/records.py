@@ -42,6 +42,9 @@ class DeviceRecord:
     password_hash: str
     created_at: datetime
     inventory: Inventory
+    firmware_version: str | None = None  # as the device last reported it
+    online: bool = False
+    last_seen: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,19 @@ class UpgradeRecord:
     md5: str
     state: str
     created_at: datetime
+    updated_at: datetime | None = None
+    progress: int | None = None
+    message: str | None = None
+    timeout_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UpgradeEventRecord:
+    at: datetime
+    state: str
+    source: str
+    detail: str | None
 
 
 @dataclass(frozen=True)

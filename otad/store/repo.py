@@ -12,9 +12,9 @@ from datetime import datetime
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from otad.store.models import ApiToken, Device, Package, PassivePin, Upgrade, User, XiaozhiPin
+from otad.store.models import ApiToken, Device, Package, PassivePin, Upgrade, UpgradeEvent, User, XiaozhiPin
 from otad.store.records import (DeviceRecord, Inventory, PackageRecord, PassivePinRecord, TokenRecord,
-                                UpgradeRecord, UserRecord, XiaozhiPinRecord)
+                                UpgradeEventRecord, UpgradeRecord, UserRecord, XiaozhiPinRecord)
 
 
 class Duplicate(Exception):
@@ -35,7 +35,8 @@ _INVENTORY_FIELDS = tuple(field.name for field in dataclasses.fields(Inventory))
 def _device(row: Device) -> DeviceRecord:
     return DeviceRecord(id=row.id, name=row.name, product_id=row.product_id, password_hash=row.password_hash,
                         created_at=row.created_at,
-                        inventory=Inventory(**{name: getattr(row, name) for name in _INVENTORY_FIELDS}))
+                        inventory=Inventory(**{name: getattr(row, name) for name in _INVENTORY_FIELDS}),
+                        firmware_version=row.firmware_version, online=row.online, last_seen=row.last_seen)
 
 
 def _package(row: Package) -> PackageRecord:
@@ -44,11 +45,6 @@ def _package(row: Package) -> PackageRecord:
         original_name=row.original_name, size=row.size, md5=row.md5, sha256=row.sha256,
         version=row.version, description=row.description, created_at=row.created_at,
     )
-
-
-def _upgrade(row: Upgrade, device_name: str) -> UpgradeRecord:
-    return UpgradeRecord(id=row.id, version=row.version, device_name=device_name, package_id=row.package_id,
-                         file_name=row.file_name, md5=row.md5, state=row.state, created_at=row.created_at)
 
 
 # --- admin tokens and users ---
@@ -233,19 +229,88 @@ async def delete_xiaozhi_pin(pin_id: int) -> bool:
 
 # --- upgrades ---
 
-async def record_upgrade(*, version: str, device_id: int, package: PackageRecord, state: str,
-                         superseded_state: str, open_states: Iterable[str]) -> None:
-    """Insert a new upgrade and mark the device's earlier open upgrades superseded, in one transaction."""
+def _upgrade(row: Upgrade, device_name: str) -> UpgradeRecord:
+    return UpgradeRecord(id=row.id, version=row.version, device_name=device_name, package_id=row.package_id,
+                         file_name=row.file_name, md5=row.md5, state=row.state, created_at=row.created_at,
+                         updated_at=row.updated_at, progress=row.progress, message=row.message,
+                         timeout_at=row.timeout_at, finished_at=row.finished_at)
+
+
+async def record_upgrade(*, version: str, device_id: int, package: PackageRecord, state: str, at: datetime,
+                         timeout_at: datetime | None, superseded_state: str, open_states: Iterable[str]) -> None:
+    """Insert a new upgrade and mark the device's earlier open upgrades superseded, in one
+    transaction, with their timeline entries."""
     async with in_transaction():
-        await Upgrade.filter(device_id=device_id, state__in=list(open_states)).update(state=superseded_state)
-        await Upgrade.create(version=version, device_id=device_id, package_id=package.id,
-                             file_name=package.file_name, md5=package.md5, state=state)
+        earlier = await Upgrade.filter(device_id=device_id, state__in=list(open_states))
+        if earlier:
+            await Upgrade.filter(id__in=[row.id for row in earlier]).update(state=superseded_state, finished_at=at)
+            await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=superseded_state,
+                                                         source="server", detail=f"superseded by {version}")
+                                            for row in earlier])
+        row = await Upgrade.create(version=version, device_id=device_id, package_id=package.id,
+                                   file_name=package.file_name, md5=package.md5, state=state, timeout_at=timeout_at)
+        await UpgradeEvent.create(upgrade_id=row.id, at=at, state=state, source="server", detail=None)
 
 
-async def advance_upgrade(version: str, from_state: str, to_state: str) -> None:
-    """Move an upgrade on only if it is still in ``from_state`` (a concurrent enable may have
-    superseded it in the meantime)."""
-    await Upgrade.filter(version=version, state=from_state).update(state=to_state)
+async def advance_upgrade(version: str, from_state: str, to_state: str, at: datetime, source: str = "server",
+                          detail: str | None = None, *, progress: int | None = None, message: str | None = None,
+                          finished: bool = False) -> bool:
+    """Move an upgrade from ``from_state`` to ``to_state`` only if it is still in ``from_state`` (a
+    concurrent change may have moved it meanwhile), with its timeline entry. True if it moved."""
+    changes: dict = {"state": to_state}
+    if progress is not None:
+        changes["progress"] = progress
+    if message is not None:
+        changes["message"] = message
+    if finished:
+        changes["finished_at"] = at
+    async with in_transaction():
+        row = await Upgrade.get_or_none(version=version, state=from_state)
+        if row is None:
+            return False
+        await Upgrade.filter(id=row.id, state=from_state).update(**changes)
+        await UpgradeEvent.create(upgrade_id=row.id, at=at, state=to_state, source=source, detail=detail)
+    return True
+
+
+async def note_upgrade_event(version: str, at: datetime, state: str, source: str, detail: str | None) -> None:
+    """A timeline entry that does not change the state (a duplicate or late report)."""
+    row = await Upgrade.get_or_none(version=version)
+    if row is not None:
+        await UpgradeEvent.create(upgrade_id=row.id, at=at, state=state, source=source, detail=detail)
+
+
+async def find_upgrade(version: str) -> UpgradeRecord | None:
+    row = await Upgrade.get_or_none(version=version).prefetch_related("device")
+    return _upgrade(row, row.device.name) if row else None
+
+
+async def upgrade_events(version: str) -> list[UpgradeEventRecord]:
+    rows = await UpgradeEvent.filter(upgrade__version=version).order_by("id")
+    return [UpgradeEventRecord(at=row.at, state=row.state, source=row.source, detail=row.detail) for row in rows]
+
+
+async def list_upgrades(*, device_name: str | None, state: str | None, offset: int,
+                        limit: int) -> tuple[list[UpgradeRecord], int]:
+    query = Upgrade.all()
+    if device_name:
+        query = query.filter(device__name=device_name)
+    if state:
+        query = query.filter(state=state)
+    total = await query.count()
+    rows = await query.order_by("-id").offset(offset).limit(limit).prefetch_related("device")
+    return [_upgrade(row, row.device.name) for row in rows], total
+
+
+async def due_upgrades(now: datetime, open_states: Iterable[str]) -> list[UpgradeRecord]:
+    rows = await Upgrade.filter(state__in=list(open_states), timeout_at__lte=now).prefetch_related("device")
+    return [_upgrade(row, row.device.name) for row in rows]
+
+
+async def open_upgrade_of(device_name: str, open_states: Iterable[str]) -> UpgradeRecord | None:
+    row = await (Upgrade.filter(device__name=device_name, state__in=list(open_states)).order_by("-id").first()
+                 .prefetch_related("device"))
+    return _upgrade(row, row.device.name) if row else None
 
 
 async def open_upgrades(open_states: Iterable[str]) -> list[UpgradeRecord]:
@@ -254,9 +319,23 @@ async def open_upgrades(open_states: Iterable[str]) -> list[UpgradeRecord]:
     return [_upgrade(row, row.device.name) for row in rows]
 
 
-async def close_upgrades_of_package(package_id: int, open_states: Iterable[str], state: str) -> list[str]:
+async def set_firmware_version(device_id: int, firmware_version: str) -> None:
+    await Device.filter(id=device_id).update(firmware_version=firmware_version)
+
+
+async def save_presence(presence: dict[str, tuple[bool, datetime]]) -> None:
+    """Write devices' online flag and last-seen time, batched by the caller."""
+    async with in_transaction():
+        for name, (online, last_seen) in presence.items():
+            await Device.filter(name=name).update(online=online, last_seen=last_seen)
+
+
+async def close_upgrades_of_package(package_id: int, open_states: Iterable[str], state: str,
+                                    at: datetime) -> list[str]:
     """Set the open upgrades of a package to ``state``; return the affected device names."""
     async with in_transaction():
         rows = await Upgrade.filter(package_id=package_id, state__in=list(open_states)).prefetch_related("device")
-        await Upgrade.filter(id__in=[row.id for row in rows]).update(state=state)
+        await Upgrade.filter(id__in=[row.id for row in rows]).update(state=state, finished_at=at)
+        await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=state, source="admin",
+                                                     detail="package deleted") for row in rows])
     return [row.device.name for row in rows]
