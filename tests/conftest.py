@@ -93,8 +93,8 @@ class Otad:
         await self.daemon.start()
 
 
-async def start_otad(settings: Settings) -> Otad:
-    daemon = Daemon(settings)
+async def start_otad(settings: Settings, clock=None) -> Otad:
+    daemon = Daemon(settings, clock) if clock else Daemon(settings)
     await daemon.start()
     token = await daemon.services.admins.create_token("tests")
     return Otad(daemon=daemon, token=token, session=aiohttp.ClientSession())
