@@ -31,6 +31,7 @@ from otad.store.database import Database
 log = logging.getLogger(__name__)
 
 _MAINTENANCE_INTERVAL = 5.0
+_CAMPAIGN_TICK = 0.5
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -137,6 +138,8 @@ class Daemon:
         self._stack.push_async_callback(self._broker.stop)
         maintenance = asyncio.create_task(self._maintain(services), name="otad-maintenance")
         self._stack.push_async_callback(_cancel, maintenance)
+        rollouts = asyncio.create_task(self._roll_out(services), name="otad-campaigns")
+        self._stack.push_async_callback(_cancel, rollouts)
         restored = await services.upgrades.restore_pending()
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
@@ -162,6 +165,15 @@ class Daemon:
                     await job()
                 except Exception:
                     log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
+
+    async def _roll_out(self, services: Services) -> None:
+        """The campaign engine's heartbeat; a failing step is logged and tried again."""
+        while True:
+            try:
+                await services.campaigns.tick()
+            except Exception:
+                log.exception("campaign engine step failed")
+            await asyncio.sleep(_CAMPAIGN_TICK)
 
     async def _stop_http(self) -> None:
         assert self._runner is not None

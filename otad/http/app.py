@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from otad.config import Settings
-from otad.http import admin_routes, download, passive_routes, upgrade_routes, xiaozhi_routes
+from otad.http import admin_routes, campaign_routes, download, passive_routes, upgrade_routes, xiaozhi_routes
 from otad.http.auth import auth_middleware
 from otad.http.envelope import ALWAYS_HTTP_200, envelope_middleware
 from otad.http.inflight import InFlight
@@ -24,5 +24,6 @@ def create_app(services: Services, settings: Settings, inflight: InFlight) -> we
     app.add_routes(download.routes)
     app.add_routes(passive_routes.routes)
     app.add_routes(upgrade_routes.routes)
+    app.add_routes(campaign_routes.routes)
     app.add_routes(xiaozhi_routes.routes)
     return app

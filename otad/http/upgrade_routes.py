@@ -15,7 +15,8 @@ routes = web.RouteTableDef()
 async def upgrades(request: web.Request) -> web.Response:
     query = request.rel_url.query
     page = await request.app[SERVICES].upgrades.list(device_name=query.get("deviceName"), state=query.get("state"),
-                                                     page=query.get("page"), page_size=query.get("pageSize"))
+                                                     campaign=query.get("campaign"), page=query.get("page"),
+                                                     page_size=query.get("pageSize"))
     return ok({"items": [upgrade_view(upgrade) for upgrade in page.items], "total": page.total, "page": page.page,
                "pageSize": page.page_size})
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from otad.service import (DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
-                          XiaozhiPinRecord)
+from otad.service import (CampaignRecord, DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord,
+                          UpgradeRecord, XiaozhiPinRecord)
+from otad.service.campaigns import CampaignStatus
 from otad.service.devices import NewDevice
 
 
@@ -91,9 +92,28 @@ def upgrade_view(upgrade: UpgradeRecord) -> dict[str, Any]:
         "fileName": upgrade.file_name, "md5": upgrade.md5, "state": upgrade.state, "progress": upgrade.progress,
         "message": upgrade.message, "createdAt": timestamp(upgrade.created_at),
         "updatedAt": timestamp(upgrade.updated_at), "timeoutAt": timestamp(upgrade.timeout_at),
-        "finishedAt": timestamp(upgrade.finished_at),
+        "finishedAt": timestamp(upgrade.finished_at), "campaign": upgrade.campaign_id, "stage": upgrade.stage,
     }
 
 
 def event_view(event: UpgradeEventRecord) -> dict[str, Any]:
     return {"at": timestamp(event.at), "state": event.state, "source": event.source, "detail": event.detail}
+
+
+def campaign_view(campaign: CampaignRecord) -> dict[str, Any]:
+    return {
+        "id": campaign.id, "name": campaign.name, "productId": campaign.product_id, "otaId": campaign.package_id,
+        "stages": campaign.stages, "successThreshold": campaign.success_threshold,
+        "failureThreshold": campaign.failure_threshold, "maxConcurrent": campaign.max_concurrent,
+        "notifyRate": campaign.notify_rate, "timeout": campaign.timeout, "state": campaign.state,
+        "currentStage": campaign.current_stage + 1, "reason": campaign.reason,
+        "createdAt": timestamp(campaign.created_at),
+    }
+
+
+def campaign_status_view(status: CampaignStatus) -> dict[str, Any]:
+    stages = []
+    for index, percent in enumerate(status.campaign.stages):
+        stages.append({"stage": index + 1, "percent": percent, "devices": status.devices_per_stage[index],
+                       "states": dict(status.by_stage.get(index, {}))})
+    return {**campaign_view(status.campaign), "states": dict(status.by_state), "stageProgress": stages}

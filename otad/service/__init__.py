@@ -8,6 +8,7 @@ from datetime import datetime
 
 from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
+from otad.service.campaigns import Campaigns
 from otad.service.devices import DeviceRegistry
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
@@ -16,10 +17,10 @@ from otad.service.ports import Publisher
 from otad.service.upgrades import UpgradeService, utc_now
 from otad.service.xiaozhi import XiaozhiBoards
 # The records the use cases return, for the adapters to render; they come from the store as plain data.
-from otad.store.records import (DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
+from otad.store.records import (CampaignRecord, DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
                                 XiaozhiPinRecord)
 
-__all__ = ["DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "UpgradeEventRecord", "UpgradeRecord",
+__all__ = ["CampaignRecord", "DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "UpgradeEventRecord", "UpgradeRecord",
            "XiaozhiPinRecord", "build_services"]
 
 
@@ -31,6 +32,7 @@ class Services:
     devices: DeviceRegistry
     packages: PackageCatalog
     upgrades: UpgradeService
+    campaigns: Campaigns
     reports: Reports
     passive: PassivePins
     xiaozhi: XiaozhiBoards
@@ -47,6 +49,7 @@ def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_siz
         devices=devices,
         packages=PackageCatalog(firmware, publisher, max_upload_size),
         upgrades=upgrades,
+        campaigns=Campaigns(upgrades, upgrade_timeout),
         reports=Reports(upgrades),
         passive=PassivePins(devices),
         xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),

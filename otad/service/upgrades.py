@@ -66,16 +66,23 @@ class UpgradeService:
         seconds = self._default_timeout if timeout in (None, "") else parse_int(timeout, "timeout")
         if seconds <= 0:
             raise InvalidInput("参数无效: timeout must be a positive number of seconds")
+        return await self.start(device.id, device.name, package, seconds)
+
+    async def start(self, device_id: int, device_name: str, package: PackageRecord, timeout: float,
+                    campaign_id: int | None = None, stage: int | None = None) -> EnabledUpgrade:
+        """The one way an upgrade begins, for otaEnable and campaigns alike."""
         now = self.clock()
         version = str(uuid.uuid4())
         # Recorded before it is sent: if the process dies in between, the restart sends it.
-        await repo.record_upgrade(version=version, device_id=device.id, package=package,
-                                  state=UpgradeState.CREATED, at=now, timeout_at=now + timedelta(seconds=seconds),
-                                  superseded_state=UpgradeState.SUPERSEDED, open_states=OPEN_STATES)
-        await self._publisher.send_command(device.name, ota_command(package.file_name, version, package.md5))
+        await repo.record_upgrade(version=version, device_id=device_id, package=package,
+                                  state=UpgradeState.CREATED, at=now, timeout_at=now + timedelta(seconds=timeout),
+                                  superseded_state=UpgradeState.SUPERSEDED, open_states=OPEN_STATES,
+                                  campaign_id=campaign_id, stage=stage)
+        await self._publisher.send_command(device_name, ota_command(package.file_name, version, package.md5))
         await repo.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
-        log.info("upgrade %s: package %d '%s' enabled for device %s", version, package.id, name, device.name)
-        return EnabledUpgrade(version=version, device_name=device.name, package=package)
+        log.info("upgrade %s: package %d '%s' sent to device %s%s", version, package.id, package.name, device_name,
+                 f" (campaign {campaign_id}, stage {stage})" if campaign_id else "")
+        return EnabledUpgrade(version=version, device_name=device_name, package=package)
 
     async def restore_pending(self) -> int:
         """Keep each device's latest open command again for its next subscribe (after a restart)."""
@@ -130,14 +137,15 @@ class UpgradeService:
     async def timeline(self, version: str) -> list[UpgradeEventRecord]:
         return await repo.upgrade_events(version)
 
-    async def list(self, *, device_name: object = None, state: object = None, page: object = None,
-                   page_size: object = None) -> UpgradePage:
+    async def list(self, *, device_name: object = None, state: object = None, campaign: object = None,
+                   page: object = None, page_size: object = None) -> UpgradePage:
         device = check_device_name(device_name) if device_name not in (None, "") else None
         if state not in (None, "") and state not in set(UpgradeState):
             raise InvalidInput(f"参数无效: state must be one of {', '.join(UpgradeState)}")
         page_number = 1 if page in (None, "") else max(parse_int(page, "page"), 1)
         size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
-        items, total = await repo.list_upgrades(device_name=device, state=state or None,
+        campaign_id = None if campaign in (None, "") else parse_int(campaign, "campaign")
+        items, total = await repo.list_upgrades(device_name=device, state=state or None, campaign_id=campaign_id,
                                                 offset=(page_number - 1) * size, limit=size)
         return UpgradePage(items=items, total=total, page=page_number, page_size=size)
 

@@ -94,6 +94,9 @@ class Upgrade(Model):
     file_name = fields.CharField(max_length=64)
     md5 = fields.CharField(max_length=32)
     state = fields.CharField(max_length=16, db_index=True)
+    campaign = fields.ForeignKeyField("models.Campaign", related_name="upgrades", on_delete=fields.SET_NULL,
+                                      null=True)
+    stage = fields.IntField(null=True)  # the campaign stage the device belongs to
     progress = fields.IntField(null=True)
     message = fields.TextField(null=True)
     timeout_at = fields.DatetimeField(null=True, db_index=True)
@@ -146,3 +149,26 @@ class XiaozhiPin(Model):
 
     class Meta:
         table = "xiaozhi_pin"
+
+
+class Campaign(Model):
+    """A staged rollout of one package to a product's devices."""
+
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=255)  # the package name, as otaEnable takes it
+    product_id = fields.BigIntField()
+    package = fields.ForeignKeyField("models.Package", related_name="campaigns", on_delete=fields.RESTRICT)
+    stages = fields.TextField()  # JSON list of cumulative percentages, e.g. [1, 10, 50, 100]
+    success_threshold = fields.FloatField()
+    failure_threshold = fields.FloatField()
+    max_concurrent = fields.IntField()
+    notify_rate = fields.FloatField()
+    timeout = fields.FloatField()  # seconds each upgrade may take
+    state = fields.CharField(max_length=16, db_index=True)  # running, paused, cancelled, finished
+    current_stage = fields.IntField(default=0)
+    reason = fields.TextField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "campaign"

@@ -77,6 +77,8 @@ class UpgradeRecord:
     message: str | None = None
     timeout_at: datetime | None = None
     finished_at: datetime | None = None
+    campaign_id: int | None = None
+    stage: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,21 @@ class XiaozhiPinRecord:
     package: PackageRecord
     version_name: str
     force: bool
+
+
+@dataclass(frozen=True)
+class CampaignRecord:
+    id: int
+    name: str
+    product_id: int
+    package_id: int
+    stages: list[int]
+    success_threshold: float
+    failure_threshold: float
+    max_concurrent: int
+    notify_rate: float
+    timeout: float
+    state: str
+    current_stage: int
+    reason: str | None
+    created_at: datetime

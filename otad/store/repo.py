@@ -6,15 +6,17 @@ Integrity errors never leave this module as tortoise exceptions: a unique clash 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
 from datetime import datetime
 
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from otad.store.models import ApiToken, Device, Package, PassivePin, Upgrade, UpgradeEvent, User, XiaozhiPin
-from otad.store.records import (DeviceRecord, Inventory, PackageRecord, PassivePinRecord, TokenRecord,
-                                UpgradeEventRecord, UpgradeRecord, UserRecord, XiaozhiPinRecord)
+from otad.store.models import (ApiToken, Campaign, Device, Package, PassivePin, Upgrade, UpgradeEvent, User,
+                               XiaozhiPin)
+from otad.store.records import (CampaignRecord, DeviceRecord, Inventory, PackageRecord, PassivePinRecord,
+                                TokenRecord, UpgradeEventRecord, UpgradeRecord, UserRecord, XiaozhiPinRecord)
 
 
 class Duplicate(Exception):
@@ -157,7 +159,9 @@ async def list_packages() -> list[PackageRecord]:
 
 
 async def package_is_pinned(package_id: int) -> bool:
-    return (await PassivePin.exists(package_id=package_id)) or (await XiaozhiPin.exists(package_id=package_id))
+    """Whether a pin or a campaign still uses the package."""
+    return ((await PassivePin.exists(package_id=package_id)) or (await XiaozhiPin.exists(package_id=package_id))
+            or (await Campaign.exists(package_id=package_id)))
 
 
 async def delete_package(package_id: int) -> bool:
@@ -233,11 +237,13 @@ def _upgrade(row: Upgrade, device_name: str) -> UpgradeRecord:
     return UpgradeRecord(id=row.id, version=row.version, device_name=device_name, package_id=row.package_id,
                          file_name=row.file_name, md5=row.md5, state=row.state, created_at=row.created_at,
                          updated_at=row.updated_at, progress=row.progress, message=row.message,
-                         timeout_at=row.timeout_at, finished_at=row.finished_at)
+                         timeout_at=row.timeout_at, finished_at=row.finished_at, campaign_id=row.campaign_id,
+                         stage=row.stage)
 
 
 async def record_upgrade(*, version: str, device_id: int, package: PackageRecord, state: str, at: datetime,
-                         timeout_at: datetime | None, superseded_state: str, open_states: Iterable[str]) -> None:
+                         timeout_at: datetime | None, superseded_state: str, open_states: Iterable[str],
+                         campaign_id: int | None = None, stage: int | None = None) -> None:
     """Insert a new upgrade and mark the device's earlier open upgrades superseded, in one
     transaction, with their timeline entries."""
     async with in_transaction():
@@ -248,7 +254,8 @@ async def record_upgrade(*, version: str, device_id: int, package: PackageRecord
                                                          source="server", detail=f"superseded by {version}")
                                             for row in earlier])
         row = await Upgrade.create(version=version, device_id=device_id, package_id=package.id,
-                                   file_name=package.file_name, md5=package.md5, state=state, timeout_at=timeout_at)
+                                   file_name=package.file_name, md5=package.md5, state=state, timeout_at=timeout_at,
+                                   campaign_id=campaign_id, stage=stage)
         await UpgradeEvent.create(upgrade_id=row.id, at=at, state=state, source="server", detail=None)
 
 
@@ -290,9 +297,11 @@ async def upgrade_events(version: str) -> list[UpgradeEventRecord]:
     return [UpgradeEventRecord(at=row.at, state=row.state, source=row.source, detail=row.detail) for row in rows]
 
 
-async def list_upgrades(*, device_name: str | None, state: str | None, offset: int,
+async def list_upgrades(*, device_name: str | None, state: str | None, campaign_id: int | None, offset: int,
                         limit: int) -> tuple[list[UpgradeRecord], int]:
     query = Upgrade.all()
+    if campaign_id is not None:
+        query = query.filter(campaign_id=campaign_id)
     if device_name:
         query = query.filter(device__name=device_name)
     if state:
@@ -339,3 +348,42 @@ async def close_upgrades_of_package(package_id: int, open_states: Iterable[str],
         await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=state, source="admin",
                                                      detail="package deleted") for row in rows])
     return [row.device.name for row in rows]
+
+
+# --- campaigns ---
+
+def _campaign(row: Campaign) -> CampaignRecord:
+    return CampaignRecord(id=row.id, name=row.name, product_id=row.product_id, package_id=row.package_id,
+                          stages=json.loads(row.stages), success_threshold=row.success_threshold,
+                          failure_threshold=row.failure_threshold, max_concurrent=row.max_concurrent,
+                          notify_rate=row.notify_rate, timeout=row.timeout, state=row.state,
+                          current_stage=row.current_stage, reason=row.reason, created_at=row.created_at)
+
+
+async def insert_campaign(**fields_) -> CampaignRecord:
+    fields_["stages"] = json.dumps(fields_["stages"])
+    return _campaign(await Campaign.create(**fields_))
+
+
+async def find_campaign(campaign_id: int) -> CampaignRecord | None:
+    row = await Campaign.get_or_none(id=campaign_id)
+    return _campaign(row) if row else None
+
+
+async def list_campaigns(states: Iterable[str] | None = None) -> list[CampaignRecord]:
+    query = Campaign.all() if states is None else Campaign.filter(state__in=list(states))
+    return [_campaign(row) for row in await query.order_by("id")]
+
+
+async def update_campaign(campaign_id: int, from_states: Iterable[str], **changes) -> bool:
+    """Change a campaign only if it is still in one of ``from_states``."""
+    return await Campaign.filter(id=campaign_id, state__in=list(from_states)).update(**changes) > 0
+
+
+async def device_names_of_product(product_id: int) -> list[tuple[int, str]]:
+    return [(row[0], row[1]) for row in await Device.filter(product_id=product_id).values_list("id", "name")]
+
+
+async def campaign_upgrades(campaign_id: int) -> list[UpgradeRecord]:
+    rows = await Upgrade.filter(campaign_id=campaign_id).order_by("id").prefetch_related("device")
+    return [_upgrade(row, row.device.name) for row in rows]

@@ -1,0 +1,204 @@
+"""Staged rollouts: a package to a product's devices, canaries first, pausing itself on failures.
+
+A device's stage is a hash of (product, package name, device name): a rerun of the same rollout
+picks the same canaries, and a device that joins the product later falls into a stage at once.
+The engine (``tick``) is stateless between calls apart from the database, so a restart, even after
+``kill -9``, carries on where the rollout stood: upgrades already recorded are not sent twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from otad.errors import Conflict, InvalidInput, NotFound
+from otad.service.states import OPEN_STATES, UpgradeState
+from otad.service.upgrades import UpgradeService
+from otad.service.validation import check_package_name, parse_int
+from otad.store import repo
+from otad.store.records import CampaignRecord
+
+log = logging.getLogger(__name__)
+
+
+class CampaignState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+
+
+FAILED = (UpgradeState.FAILED, UpgradeState.TIMED_OUT)
+# Ended without an outcome for the device (an admin cancelled it, or a newer upgrade replaced it).
+SKIPPED = (UpgradeState.CANCELLED, UpgradeState.SUPERSEDED)
+
+
+def stage_of(product_id: int, name: str, device_name: str, stages: list[int]) -> int | None:
+    """The index of the device's stage, or None if the last stage stops short of 100%."""
+    digest = hashlib.sha256(f"{product_id}\0{name}\0{device_name}".encode()).digest()
+    percent = int.from_bytes(digest[:8], "big") / 2**64 * 100
+    for index, limit in enumerate(stages):
+        if percent < limit:
+            return index
+    return None
+
+
+@dataclass
+class CampaignStatus:
+    campaign: CampaignRecord
+    by_state: Counter = field(default_factory=Counter)
+    by_stage: dict[int, Counter] = field(default_factory=dict)
+    devices_per_stage: Counter = field(default_factory=Counter)
+
+
+def _fraction(raw: object, field_name: str, default: float) -> float:
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= raw <= 1:
+        raise InvalidInput(f"参数无效: {field_name} must be a number from 0 to 1")
+    return float(raw)
+
+
+class Campaigns:
+    def __init__(self, upgrades: UpgradeService, default_timeout: float) -> None:
+        self._upgrades = upgrades
+        self._default_timeout = default_timeout
+        self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
+
+    async def create(self, body: object) -> CampaignRecord:
+        if not isinstance(body, dict):
+            raise InvalidInput('参数无效: expected {"name", "productId", "stages", ...}')
+        name = check_package_name(body.get("name"))
+        product_id = parse_int(body.get("productId"), "productId")
+        stages = body.get("stages", [1, 10, 50, 100])
+        if (not isinstance(stages, list) or not stages or any(isinstance(s, bool) or not isinstance(s, int)
+                                                              for s in stages)
+                or any(not 0 < s <= 100 for s in stages) or stages != sorted(set(stages))):
+            raise InvalidInput("参数无效: stages must be rising cumulative percentages such as [1, 10, 50, 100]")
+        success = _fraction(body.get("successThreshold"), "successThreshold", 0.95)
+        failure = _fraction(body.get("failureThreshold"), "failureThreshold", 0.05)
+        max_concurrent = parse_int(body.get("maxConcurrent", 100), "maxConcurrent")
+        rate = body.get("notifyRate", 10)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0 or max_concurrent < 1:
+            raise InvalidInput("参数无效: notifyRate (per second) and maxConcurrent must be positive")
+        timeout = body.get("timeout", self._default_timeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidInput("参数无效: timeout must be a positive number of seconds")
+        package = await repo.find_package(product_id, name)
+        if package is None:
+            raise NotFound(f"参数无效: product {product_id} has no package named '{name}'")
+        campaign = await repo.insert_campaign(
+            name=name, product_id=product_id, package_id=package.id, stages=stages, success_threshold=success,
+            failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=float(rate),
+            timeout=float(timeout), state=CampaignState.RUNNING, current_stage=0)
+        log.info("campaign %d: '%s' to product %d in stages %s", campaign.id, name, product_id, stages)
+        return campaign
+
+    async def get(self, raw_id: object) -> CampaignRecord:
+        campaign = await repo.find_campaign(parse_int(raw_id, "id"))
+        if campaign is None:
+            raise NotFound(f"参数无效: no campaign {raw_id}")
+        return campaign
+
+    async def list(self) -> list[CampaignRecord]:
+        return await repo.list_campaigns()
+
+    async def pause(self, raw_id: object) -> CampaignRecord:
+        return await self._move(raw_id, (CampaignState.RUNNING,), CampaignState.PAUSED, "paused by an admin")
+
+    async def resume(self, raw_id: object) -> CampaignRecord:
+        return await self._move(raw_id, (CampaignState.PAUSED,), CampaignState.RUNNING, None)
+
+    async def cancel(self, raw_id: object) -> CampaignRecord:
+        campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED), CampaignState.CANCELLED,
+                                    "cancelled by an admin")
+        for upgrade in await repo.campaign_upgrades(campaign.id):
+            if upgrade.state in OPEN_STATES:
+                await self._upgrades.transition(upgrade, UpgradeState.CANCELLED, "admin", "campaign cancelled")
+        return campaign
+
+    async def _move(self, raw_id: object, from_states: tuple, to_state: CampaignState,
+                    reason: str | None) -> CampaignRecord:
+        campaign = await self.get(raw_id)
+        if not await repo.update_campaign(campaign.id, from_states, state=to_state, reason=reason):
+            raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
+        return await self.get(campaign.id)
+
+    async def status(self, raw_id: object) -> CampaignStatus:
+        campaign = await self.get(raw_id)
+        return await self._status(campaign)
+
+    async def _status(self, campaign: CampaignRecord) -> CampaignStatus:
+        status = CampaignStatus(campaign)
+        for _, device_name in await repo.device_names_of_product(campaign.product_id):
+            stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
+            if stage is not None:
+                status.devices_per_stage[stage] += 1
+        for upgrade in await repo.campaign_upgrades(campaign.id):
+            status.by_state[upgrade.state] += 1
+            status.by_stage.setdefault(upgrade.stage, Counter())[upgrade.state] += 1
+        return status
+
+    # --- the engine ---
+
+    async def tick(self) -> None:
+        """Advance every running campaign one step; called every half second by the daemon."""
+        for campaign in await repo.list_campaigns([CampaignState.RUNNING]):
+            try:
+                await self._advance(campaign)
+            except Exception:
+                log.exception("campaign %d: step failed; retrying next tick", campaign.id)
+
+    async def _advance(self, campaign: CampaignRecord) -> None:
+        devices = await repo.device_names_of_product(campaign.product_id)
+        stage_by_device = {name: stage_of(campaign.product_id, campaign.name, name, campaign.stages)
+                           for _, name in devices}
+        upgrades = {upgrade.device_name: upgrade for upgrade in await repo.campaign_upgrades(campaign.id)}
+        stage = campaign.current_stage
+        opened = [name for name, s in stage_by_device.items() if s is not None and s <= stage]
+        states = Counter(upgrades[name].state for name in opened if name in upgrades)
+        failed = sum(states[s] for s in FAILED)
+        ended = failed + states[UpgradeState.UPDATED]
+        if opened and failed / len(opened) > campaign.failure_threshold:
+            reason = (f"paused itself: {failed} of {len(opened)} devices in stages 1-{stage + 1} failed "
+                      f"(over {campaign.failure_threshold:.0%})")
+            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+                                       reason=reason)
+            log.warning("campaign %d %s", campaign.id, reason)
+            return
+        waiting = [name for name in opened if name not in upgrades]
+        in_flight = sum(states[s] for s in OPEN_STATES)
+        if not waiting and in_flight == 0:
+            success = states[UpgradeState.UPDATED] / ended if ended else 1.0
+            if success < campaign.success_threshold:
+                reason = f"paused itself: stage {stage + 1} succeeded on {success:.0%}, below the threshold"
+                await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+                                           reason=reason)
+                return
+            if stage + 1 >= len(campaign.stages):
+                await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
+                log.info("campaign %d finished", campaign.id)
+                return
+            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
+            log.info("campaign %d: stage %d opened", campaign.id, stage + 2)
+            return
+        budget = min(campaign.max_concurrent - in_flight, self._take_tokens(campaign, len(waiting)))
+        if budget <= 0:
+            return
+        package = await repo.find_package_by_id(campaign.package_id)
+        ids = dict((name, device_id) for device_id, name in devices)
+        for name in sorted(waiting, key=lambda n: (stage_by_device[n], n))[:budget]:
+            await self._upgrades.start(ids[name], name, package, campaign.timeout, campaign.id, stage_by_device[name])
+
+    def _take_tokens(self, campaign: CampaignRecord, wanted: int) -> int:
+        """notifyRate as a token bucket holding at most one second's worth."""
+        now = time.monotonic()
+        tokens, at = self._tokens.get(campaign.id, (campaign.notify_rate, now))
+        tokens = min(campaign.notify_rate, tokens + (now - at) * campaign.notify_rate)
+        taken = min(int(tokens), wanted)
+        self._tokens[campaign.id] = (tokens - taken, now)
+        return taken
