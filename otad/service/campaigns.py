@@ -68,6 +68,7 @@ class Campaigns:
         self._upgrades = upgrades
         self._default_timeout = default_timeout
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
+        self._stages: dict[int, dict[str, int | None]] = {}  # campaign id -> device -> stage (a hash each)
 
     async def create(self, body: object) -> CampaignRecord:
         if not isinstance(body, dict):
@@ -155,8 +156,9 @@ class Campaigns:
 
     async def _advance(self, campaign: CampaignRecord) -> None:
         devices = await repo.device_names_of_product(campaign.product_id)
-        stage_by_device = {name: stage_of(campaign.product_id, campaign.name, name, campaign.stages)
-                           for _, name in devices}
+        known = self._stages.setdefault(campaign.id, {})
+        stage_by_device = {name: known[name] if name in known else known.setdefault(
+            name, stage_of(campaign.product_id, campaign.name, name, campaign.stages)) for _, name in devices}
         upgrades = {upgrade.device_name: upgrade for upgrade in await repo.campaign_upgrades(campaign.id)}
         stage = campaign.current_stage
         opened = [name for name, s in stage_by_device.items() if s is not None and s <= stage]
