@@ -20,12 +20,14 @@ from otad import systemd
 from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import FirmwareStore
-from otad.http.app import create_app
+from otad.http.app import ACCESS_LOG_FORMAT, create_app
+from otad.metrics import Metrics
 from otad.http.inflight import InFlight
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
 from otad.service.upgrades import utc_now
+from otad.service.health import database_alive
 from otad.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ class Daemon:
         self._context = contextvars.copy_context()
         self.services: Services | None = None
         self._stack = contextlib.AsyncExitStack()
-        self._broker = EmbeddedBroker(settings.mqtt)
+        self.metrics = Metrics()
+        self._broker = EmbeddedBroker(settings.mqtt, self.metrics)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._inflight = InFlight()
@@ -144,8 +147,9 @@ class Daemon:
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
 
-        app = create_app(services, settings, self._inflight)
-        self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout)
+        app = create_app(services, settings, self._inflight, self.metrics, self.health)
+        self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout,
+                                     access_log_format=ACCESS_LOG_FORMAT)
         await self._runner.setup()
         self._stack.push_async_callback(self._stop_http)
         self._site = web.TCPSite(self._runner, settings.http.host, settings.http.port, reuse_address=True)
@@ -155,6 +159,14 @@ class Daemon:
             raise StartupError(f"cannot listen for HTTP on {settings.http.host}:{settings.http.port}: "
                                f"{exc.strerror or exc}") from None
         log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
+
+    async def health(self) -> dict[str, bool]:
+        """What /healthz and the systemd watchdog check: the broker serves, the database answers."""
+        try:
+            database = await asyncio.wait_for(database_alive(), 5)
+        except Exception:
+            database = False
+        return {"broker": self._broker.is_serving(), "database": database}
 
     async def _maintain(self, services: Services) -> None:
         """Every few seconds: time out overdue upgrades, write devices' presence. Survives errors."""
@@ -192,6 +204,21 @@ class Daemon:
         await asyncio.create_task(self._stack.aclose(), context=self._context)
 
 
+async def _watchdog(daemon: Daemon) -> None:
+    """systemd's watchdog (WatchdogSec=): ping at half the interval, only while healthy, so a hung
+    or broken daemon is restarted."""
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        await asyncio.sleep(interval / 2)
+        checks = await daemon.health()
+        if all(checks.values()):
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.error("health check failed, not pinging the watchdog: %s", checks)
+
+
 def tune_garbage_collector() -> None:
     """Fewer, cheaper cyclic collections for a process holding thousands of connections.
 
@@ -216,7 +243,9 @@ async def serve(settings: Settings) -> None:
     systemd.notify("READY=1")
     systemd.notify(f"STATUS=serving HTTP on {daemon.http_port}, MQTT on {daemon.mqtt_port}")
     log.info("otad ready")
+    watchdog = asyncio.create_task(_watchdog(daemon), name="otad-watchdog")
     await stop.wait()
+    await _cancel(watchdog)
     log.info("stopping")
     systemd.notify("STOPPING=1")
     try:

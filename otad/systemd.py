@@ -24,3 +24,15 @@ def notify(message: str) -> bool:
         log.warning("sd_notify(%s) failed: %s", message, exc)
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds of systemd's watchdog for this process (WATCHDOG_USEC, WATCHDOG_PID), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1_000_000
+    except ValueError:
+        return None

@@ -11,7 +11,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from otad.http.auth import public
-from otad.http.keys import SERVICES
+from otad.http.keys import METRICS, SERVICES
 from otad.http.urls import DOWNLOAD_PATH
 
 routes = web.RouteTableDef()
@@ -25,15 +25,19 @@ def _etag_of(stat: os.stat_result) -> str:
 class FirmwareResponse(web.FileResponse):
     """``FileResponse`` that serves the stored bytes only and honours an ETag in If-Range."""
 
-    def __init__(self, path: Path, download_name: str) -> None:
+    def __init__(self, path: Path, download_name: str, on_sent=None) -> None:
         super().__init__(path, headers={hdrs.CONTENT_DISPOSITION: _disposition(download_name)})
+        self._on_sent = on_sent
 
     def _get_file_path_stat_encoding(self, accept_encoding: str):
         # Never substitute a ".gz"/".br" sibling: firmware must be the exact uploaded bytes.
         return super()._get_file_path_stat_encoding("")
 
     async def prepare(self, request: web.BaseRequest):
-        return await super().prepare(await _without_stale_range(request, self._path))
+        writer = await super().prepare(await _without_stale_range(request, self._path))
+        if self._on_sent is not None and request.method == "GET" and self.status in (200, 206):
+            self._on_sent(self.content_length or 0)
+        return writer
 
 
 async def _without_stale_range(request: web.BaseRequest, path: Path) -> web.BaseRequest:
@@ -74,4 +78,4 @@ async def download(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404)  # as the original: a bare 404, nothing a device could flash
     if device_name := request.rel_url.query.get("deviceName"):
         await services.reports.note_download(file_name, device_name)  # evidence the upgrade is under way
-    return FirmwareResponse(path, package.original_name)
+    return FirmwareResponse(path, package.original_name, request.app[METRICS].bytes_served.inc)

@@ -20,6 +20,7 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
+from otad.metrics import Metrics
 from otad.mqtt.access import AccessPolicy, Verdict
 from otad.mqtt.events import DeviceEvents
 from otad.mqtt.handler import OtaProtocolHandler
@@ -36,12 +37,14 @@ def _is_wildcard(topic_filter: str) -> bool:
 
 class OtaBroker(Broker):
     def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int,
-                 events: DeviceEvents) -> None:
+                 events: DeviceEvents, metrics: Metrics) -> None:
         use_light_sessions()
         super().__init__(config)
         self._policy = policy
         self._max_packet_size = max_packet_size
         self._events = events
+        self._metrics = metrics
+        metrics.connected_devices.set_function(self.connected_count)
         self._deliveries: set[asyncio.Future] = set()
         self._wildcard_filters = TopicTrie()  # exact filters are keys of self._subscriptions already
         self._retained_topics = TopicTrie()
@@ -69,6 +72,7 @@ class OtaBroker(Broker):
             verdict = Verdict.REFUSED
         if verdict == Verdict.REFUSED:
             log.warning("MQTT login refused for %r from %s:%s", incoming.username, remote_address, remote_port)
+            self._metrics.mqtt_refused.labels("not_authorized").inc()
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             raise MQTTError("not authorized")
@@ -179,6 +183,7 @@ class OtaBroker(Broker):
         message = wait_deliver.result()
         if message is None:
             return True
+        self._metrics.mqtt_messages_in.inc()
         topic = message.topic
         if not topic or "#" in topic or "+" in topic:
             log.warning("client %s sent a PUBLISH with an invalid topic %r; closing [MQTT-3.3.2-2]",
@@ -230,6 +235,7 @@ class OtaBroker(Broker):
             handler = self._get_handler(session)
             if handler is not None:
                 delivery = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+                self._metrics.mqtt_messages_out.inc()
                 self._deliveries.add(delivery)
                 delivery.add_done_callback(self._delivery_done)
 
@@ -368,6 +374,12 @@ class OtaBroker(Broker):
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
             self._deliver(None, topic, payload, QOS_1)
+
+    def connected_count(self) -> int:
+        return sum(1 for session, _ in self._sessions.values() if session.transitions.state == "connected")
+
+    def is_serving(self) -> bool:
+        return self.transitions.state == "started"
 
     def publish(self, topic: str, payload: bytes, qos: int = QOS_1) -> None:
         """An in-process publish, not retained (replies to devices)."""

@@ -11,6 +11,7 @@ from amqtt.adapters import StreamWriterAdapter
 
 from otad.config import MqttSettings
 from otad.errors import StartupError
+from otad.metrics import Metrics
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.admission import TurnGate
 from otad.mqtt.broker import OtaBroker
@@ -38,8 +39,9 @@ def broker_config(settings: MqttSettings) -> dict:
 
 
 class EmbeddedBroker:
-    def __init__(self, settings: MqttSettings) -> None:
+    def __init__(self, settings: MqttSettings, metrics: Metrics) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._broker: OtaBroker | None = None
         self._events: DeviceEvents | None = None
         self._server: asyncio.Server | None = None
@@ -53,7 +55,8 @@ class EmbeddedBroker:
 
     async def start(self, policy: AccessPolicy, on_report: ReportHandler, on_presence: PresenceHandler) -> None:
         self._events = DeviceEvents(on_report, on_presence, self._reply)
-        self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size, self._events)
+        self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size, self._events,
+                                 self._metrics)
         await self._broker.start()
         self._events.start()
         try:
@@ -80,6 +83,7 @@ class EmbeddedBroker:
         if self._connections >= settings.max_connections:
             # amqtt's own max_connections makes the newcomer wait in a queue, holding its socket.
             log.warning("MQTT connection from %s refused: %d connections is the limit", peer, settings.max_connections)
+            self._metrics.mqtt_refused.labels("max_connections").inc()
             writer.close()
             return
         self._connections += 1
@@ -89,11 +93,13 @@ class EmbeddedBroker:
                                                settings.connect_timeout)
             except ProtocolRefused as refused:
                 log.warning("MQTT connection from %s refused: %s", peer, refused)
+                self._metrics.mqtt_refused.labels("protocol").inc()
                 if refused.reply:
                     writer.write(refused.reply)
                     await writer.drain()
                 return
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                self._metrics.mqtt_refused.labels("no_connect").inc()
                 log.info("MQTT connection from %s closed: no complete CONNECT within %.0f s", peer,
                          settings.connect_timeout)
                 return
@@ -107,6 +113,10 @@ class EmbeddedBroker:
             self._connections -= 1
             if not writer.is_closing():
                 writer.close()
+
+    def is_serving(self) -> bool:
+        return self._broker is not None and self._broker.is_serving() and self._server is not None \
+            and self._server.is_serving()
 
     def _reply(self, device_name: str, payload: bytes) -> None:
         assert self._broker is not None

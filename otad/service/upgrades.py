@@ -149,5 +149,8 @@ class UpgradeService:
                                                 offset=(page_number - 1) * size, limit=size)
         return UpgradePage(items=items, total=total, page=page_number, page_size=size)
 
+    async def counts_by_state(self, campaign_id: int | None = None) -> dict[str, int]:
+        return await repo.count_upgrades_by_state(campaign_id)
+
     async def open_upgrade_of(self, device_name: str) -> UpgradeRecord | None:
         return await repo.open_upgrade_of(device_name, OPEN_STATES)

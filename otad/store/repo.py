@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from tortoise.exceptions import IntegrityError
+from tortoise.functions import Count
 from tortoise.transactions import in_transaction
 
 from otad.store.models import (ApiToken, Campaign, Device, Package, PassivePin, Upgrade, UpgradeEvent, User,
@@ -387,3 +388,14 @@ async def device_names_of_product(product_id: int) -> list[tuple[int, str]]:
 async def campaign_upgrades(campaign_id: int) -> list[UpgradeRecord]:
     rows = await Upgrade.filter(campaign_id=campaign_id).order_by("id").prefetch_related("device")
     return [_upgrade(row, row.device.name) for row in rows]
+
+
+async def count_upgrades_by_state(campaign_id: int | None = None) -> dict[str, int]:
+    query = Upgrade.all() if campaign_id is None else Upgrade.filter(campaign_id=campaign_id)
+    rows = await query.annotate(n=Count("id")).group_by("state").values("state", "n")
+    return {row["state"]: row["n"] for row in rows}
+
+
+async def database_alive() -> bool:
+    await Device.all().limit(1).values_list("id", flat=True)
+    return True
