@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from otad.config import Settings
-from otad.http import (admin_routes, campaign_routes, download, ops_routes, passive_routes, upgrade_routes,
-                       xiaozhi_routes)
+from otad.http import (admin_routes, campaign_routes, download, openapi, ops_routes, passive_routes,
+                       upgrade_routes, xiaozhi_routes)
 from otad.http.auth import auth_middleware
 from otad.http.envelope import ALWAYS_HTTP_200, envelope_middleware
 from otad.http.inflight import InFlight
@@ -52,5 +52,6 @@ def create_app(services: Services, settings: Settings, inflight: InFlight, metri
     app.add_routes(upgrade_routes.routes)
     app.add_routes(campaign_routes.routes)
     app.add_routes(ops_routes.routes)
+    app.add_routes(openapi.routes)
     app.add_routes(xiaozhi_routes.routes)
     return app
