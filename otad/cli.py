@@ -40,8 +40,20 @@ def _settings_options(paths: tuple[str, ...]):
     return decorate
 
 
+_CLIENT_KEYS = ("client.server", "client.token")
 common_options = _settings_options(_COMMON_KEYS)
-server_options = _settings_options(tuple(key.path for key in KEYS))
+server_options = _settings_options(tuple(key.path for key in KEYS if key.path not in _CLIENT_KEYS))
+
+
+def load_client_settings(config_file: Path | None, server: str | None, token: str | None) -> dict[str, str]:
+    """Server and token for the client subcommands: flag > OTAD_SERVER/OTAD_TOKEN > config > default."""
+    try:
+        document = read_toml(config_file) if config_file else {}
+        settings = load_settings(document, dict(os.environ), {"client.server": server, "client.token": token})
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        raise
+    return {"server": settings.client.server, "token": settings.client.token}
 
 
 def _settings(config_file: Path | None, params: dict[str, Any]) -> Settings:
@@ -210,3 +222,8 @@ def device_add(name: str, product_id: str, config_file: Path | None, **params: A
     click.echo(f"added device '{name}' (product {added[0].product_id}); MQTT username is the device name, "
                "password shown only now:", err=True)
     click.echo(added[0].password)
+
+
+from otad.client import register as _register_client_commands  # noqa: E402  (needs main defined)
+
+_register_client_commands(main)

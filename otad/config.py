@@ -53,6 +53,12 @@ class UpgradeSettings:
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    server: str
+    token: str
+
+
+@dataclass(frozen=True)
 class XiaozhiSettings:
     default_product_id: int | None  # where unknown boards are registered; None: answer without upgrade
     timezone_offset: int | None  # minutes east of UTC in server_time; None: the host's offset
@@ -70,6 +76,7 @@ class Settings:
     api: ApiSettings
     upgrade: UpgradeSettings
     xiaozhi: XiaozhiSettings
+    client: ClientSettings
 
     @property
     def firmware_dir(self) -> Path:
@@ -264,6 +271,9 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.max_packet_size", _parse_size, 1024**2),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
+    # For the client subcommands (otad package, enable, upgrades, ...), not the daemon.
+    Key("client.server", _parse_public_url, "http://127.0.0.1:8080"),
+    Key("client.token", str, ""),
     Key("xiaozhi.default_product_id", _parse_optional_product_id, None, qualified=True),
     Key("xiaozhi.timezone_offset", _parse_minutes_offset, None, qualified=True),
     Key("xiaozhi.websocket", _parse_table, None, qualified=True),
@@ -357,4 +367,6 @@ def load_settings(
             websocket=values["xiaozhi.websocket"],
             mqtt=values["xiaozhi.mqtt"],
         ),
+        client=ClientSettings(server=values["client.server"] or "http://127.0.0.1:8080",
+                              token=values["client.token"]),
     )

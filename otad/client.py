@@ -1,0 +1,264 @@
+"""``otad`` subcommands that drive a running daemon over its HTTP API, from the gateway or a laptop.
+
+Server and token come from ``--server``/``--token``, ``OTAD_SERVER``/``OTAD_TOKEN`` or the config file's
+``[client]`` section. Tables for people by default, ``--json`` for scripts; a failure prints the
+envelope's message and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+
+_CHUNK = 256 * 1024
+
+
+class ApiError(Exception):
+    pass
+
+
+class ApiClient:
+    def __init__(self, server: str, token: str | None) -> None:
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            async with aiohttp.ClientSession(headers=self.headers) as session:
+                async with session.request(method, self.server + path, **kwargs) as response:
+                    try:
+                        body = await response.json(content_type=None)
+                    except (ValueError, aiohttp.ContentTypeError):
+                        raise ApiError(f"HTTP {response.status} from {self.server}: not an otad reply") from None
+        except aiohttp.ClientError as exc:
+            raise ApiError(f"cannot reach {self.server}: {exc}") from None
+        if not isinstance(body, dict) or not body.get("success"):
+            message = body.get("errorMsg") if isinstance(body, dict) else None
+            code = body.get("errorCode") if isinstance(body, dict) else None
+            raise ApiError(f"{message or 'failed'} (errorCode {code}, HTTP {response.status})")
+        return body.get("data")
+
+
+def _client(ctx: click.Context) -> ApiClient:
+    settings = ctx.obj["settings"]()
+    return ApiClient(settings["server"], settings["token"])
+
+
+def _run(ctx: click.Context, coro) -> Any:
+    try:
+        return asyncio.run(coro)
+    except ApiError as exc:
+        click.echo(f"otad: error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _emit(ctx: click.Context, data: Any, columns: list[tuple[str, str]] | None = None) -> None:
+    """JSON for scripts, else a plain table (or key: value lines for one object)."""
+    if ctx.obj["json"]:
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        return
+    if isinstance(data, dict) and columns is None:
+        for key, value in data.items():
+            click.echo(f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
+        return
+    rows = data if isinstance(data, list) else [data]
+    columns = columns or [(key, key) for key in (rows[0] if rows else {})]
+    cells = [[str(row.get(key, "")) if row.get(key) is not None else "-" for key, _ in columns] for row in rows]
+    widths = [max([len(title)] + [len(line[i]) for line in cells]) for i, (_, title) in enumerate(columns)]
+    click.echo("  ".join(title.ljust(width) for (_, title), width in zip(columns, widths)).rstrip())
+    for line in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+_PACKAGE_COLUMNS = [("id", "ID"), ("name", "NAME"), ("productId", "PRODUCT"), ("version", "VERSION"),
+                    ("size", "SIZE"), ("md5", "MD5"), ("createdAt", "CREATED")]
+_UPGRADE_COLUMNS = [("version", "UPGRADE"), ("deviceName", "DEVICE"), ("state", "STATE"), ("progress", "%"),
+                    ("campaign", "CAMPAIGN"), ("updatedAt", "UPDATED")]
+_DEVICE_COLUMNS = [("deviceName", "DEVICE"), ("productId", "PRODUCT"), ("online", "ONLINE"),
+                   ("firmwareVersion", "FIRMWARE"), ("lastSeen", "LAST SEEN")]
+_CAMPAIGN_COLUMNS = [("id", "ID"), ("name", "PACKAGE"), ("productId", "PRODUCT"), ("state", "STATE"),
+                     ("currentStage", "STAGE"), ("stages", "STAGES"), ("reason", "REASON")]
+
+
+def client_options(command):
+    command = click.option("--json", "as_json", is_flag=True, help="print the reply's data as JSON")(command)
+    command = click.option("--token", help="admin API token [OTAD_TOKEN, config client.token]")(command)
+    command = click.option("--server", help="daemon URL [OTAD_SERVER, config client.server]")(command)
+    return click.pass_context(command)
+
+
+def _prepare(ctx: click.Context, server: str | None, token: str | None, as_json: bool, config_file) -> None:
+    from otad.cli import load_client_settings
+
+    ctx.ensure_object(dict)
+    ctx.obj["json"] = as_json
+    ctx.obj["settings"] = lambda: load_client_settings(config_file, server, token)
+
+
+def register(main: click.Group) -> None:
+    """Add the client commands to the ``otad`` group."""
+
+    config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                                 envvar="OTAD_CONFIG", help="TOML config file [OTAD_CONFIG]")
+
+    @main.group()
+    def package() -> None:
+        """Firmware packages on a running daemon."""
+
+    @package.command("upload")
+    @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--name", required=True, help="package name, unique within the product")
+    @click.option("--product-id", required=True, type=int)
+    @click.option("--version", "firmware_version", help="firmware version to record")
+    @click.option("--description")
+    @config_option
+    @client_options
+    def package_upload(ctx, file: Path, name, product_id, firmware_version, description, config_file, server, token,
+                       as_json):
+        """Upload FILE with a progress bar; prints md5 and sha256 at the end."""
+        _prepare(ctx, server, token, as_json, config_file)
+        size = file.stat().st_size
+
+        async def upload():
+            with click.progressbar(length=size, label=file.name, file=sys.stderr) as bar:
+                async def chunks() -> AsyncIterator[bytes]:
+                    with open(file, "rb") as handle:
+                        while chunk := handle.read(_CHUNK):
+                            bar.update(len(chunk))
+                            yield chunk
+                form = aiohttp.FormData()
+                form.add_field("file", chunks(), filename=file.name, content_type="application/octet-stream")
+                params = {"name": name, "productId": str(product_id)}
+                if firmware_version:
+                    params["version"] = firmware_version
+                if description:
+                    params["description"] = description
+                return await _client(ctx).call("POST", "/api/v2/otaUpload", params=params, data=form)
+
+        data = _run(ctx, upload())
+        if as_json:
+            _emit(ctx, data)
+        else:
+            click.echo(f"uploaded package {data['id']} '{data['name']}' as {data['fileName']} ({data['size']} bytes)")
+            click.echo(f"md5    {data['md5']}")
+            click.echo(f"sha256 {data['sha256']}")
+
+    @package.command("list")
+    @config_option
+    @client_options
+    def package_list(ctx, config_file, server, token, as_json):
+        """List packages."""
+        _prepare(ctx, server, token, as_json, config_file)
+        _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/otaList")), _PACKAGE_COLUMNS)
+
+    @package.command("delete")
+    @click.argument("package_id", type=int)
+    @config_option
+    @client_options
+    def package_delete(ctx, package_id, config_file, server, token, as_json):
+        """Delete a package and its file."""
+        _prepare(ctx, server, token, as_json, config_file)
+        _run(ctx, _client(ctx).call("DELETE", "/api/v2/otaDelete", params={"id": str(package_id)}))
+        click.echo(f"deleted package {package_id}")
+
+    @main.command("enable")
+    @click.argument("name")
+    @click.argument("device")
+    @click.option("--timeout", type=int, help="seconds the upgrade may take")
+    @config_option
+    @client_options
+    def enable(ctx, name, device, timeout, config_file, server, token, as_json):
+        """Push package NAME to DEVICE."""
+        _prepare(ctx, server, token, as_json, config_file)
+        params = {"name": name, "deviceName": device, **({"timeout": str(timeout)} if timeout else {})}
+        data = _run(ctx, _client(ctx).call("POST", "/api/v2/otaEnable", params=params))
+        if as_json:
+            _emit(ctx, data)
+        else:
+            click.echo(f"upgrade {data[0]['version']}: '{name}' sent to {device}")
+
+    @main.command("upgrades")
+    @click.option("--device")
+    @click.option("--state")
+    @click.option("--campaign", type=int)
+    @click.option("--page", type=int, default=1)
+    @config_option
+    @client_options
+    def upgrades(ctx, device, state, campaign, page, config_file, server, token, as_json):
+        """Upgrade history, newest first."""
+        _prepare(ctx, server, token, as_json, config_file)
+        params = {k: str(v) for k, v in (("deviceName", device), ("state", state), ("campaign", campaign),
+                                         ("page", page)) if v is not None}
+        data = _run(ctx, _client(ctx).call("GET", "/api/v2/upgrades", params=params))
+        if as_json:
+            _emit(ctx, data)
+        else:
+            _emit(ctx, data["items"], _UPGRADE_COLUMNS)
+            click.echo(f"page {data['page']}, {len(data['items'])} of {data['total']}")
+
+    @main.command("devices")
+    @config_option
+    @client_options
+    def devices(ctx, config_file, server, token, as_json):
+        """Devices with their state."""
+        _prepare(ctx, server, token, as_json, config_file)
+        _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/devices")), _DEVICE_COLUMNS)
+
+    @main.group()
+    def campaign() -> None:
+        """Staged rollouts on a running daemon."""
+
+    @campaign.command("create")
+    @click.argument("name")
+    @click.option("--product-id", required=True, type=int)
+    @click.option("--stages", default="1,10,50,100", show_default=True, help="cumulative percentages")
+    @click.option("--success-threshold", type=float, default=0.95, show_default=True)
+    @click.option("--failure-threshold", type=float, default=0.05, show_default=True)
+    @click.option("--max-concurrent", type=int, default=100, show_default=True)
+    @click.option("--notify-rate", type=float, default=10, show_default=True, help="commands per second")
+    @config_option
+    @client_options
+    def campaign_create(ctx, name, product_id, stages, success_threshold, failure_threshold, max_concurrent,
+                        notify_rate, config_file, server, token, as_json):
+        """Roll package NAME out to a product's devices."""
+        _prepare(ctx, server, token, as_json, config_file)
+        try:
+            stage_list = [int(part) for part in stages.split(",")]
+        except ValueError:
+            raise click.BadParameter("comma-separated integers, e.g. 1,10,50,100", param_hint="--stages") from None
+        body = {"name": name, "productId": product_id, "stages": stage_list, "successThreshold": success_threshold,
+                "failureThreshold": failure_threshold, "maxConcurrent": max_concurrent, "notifyRate": notify_rate}
+        _emit(ctx, _run(ctx, _client(ctx).call("POST", "/api/v2/campaigns", json=body)))
+
+    @campaign.command("show")
+    @click.argument("campaign_id", type=int, required=False)
+    @config_option
+    @client_options
+    def campaign_show(ctx, campaign_id, config_file, server, token, as_json):
+        """One campaign's progress, or all campaigns."""
+        _prepare(ctx, server, token, as_json, config_file)
+        if campaign_id is None:
+            _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/campaigns")), _CAMPAIGN_COLUMNS)
+        else:
+            _emit(ctx, _run(ctx, _client(ctx).call("GET", f"/api/v2/campaigns/{campaign_id}")))
+
+    for action in ("pause", "resume", "cancel"):
+        def make(action: str):
+            @campaign.command(action, help=f"{action.capitalize()} a campaign.")
+            @click.argument("campaign_id", type=int)
+            @config_option
+            @client_options
+            def control(ctx, campaign_id, config_file, server, token, as_json):
+                _prepare(ctx, server, token, as_json, config_file)
+                data = _run(ctx, _client(ctx).call("POST", f"/api/v2/campaigns/{campaign_id}/{action}"))
+                _emit(ctx, data) if as_json else click.echo(f"campaign {campaign_id}: {data['state']}")
+        make(action)
+
+
