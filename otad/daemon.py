@@ -22,7 +22,7 @@ from otad.errors import StartupError
 from otad.firmware import FirmwareStore
 from otad.http.app import ACCESS_LOG_FORMAT, create_app
 from otad.metrics import Metrics
-from otad.http.inflight import InFlight
+from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
@@ -94,10 +94,10 @@ class Daemon:
         self.services: Services | None = None
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()
+        self._observer = RequestObserver(self.metrics)
         self._broker = EmbeddedBroker(settings.mqtt, self.metrics)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._inflight = InFlight()
 
     @property
     def http_port(self) -> int:
@@ -147,7 +147,7 @@ class Daemon:
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
 
-        app = create_app(services, settings, self._inflight, self.metrics, self.health)
+        app = create_app(services, settings, self._observer, self.metrics, self.health)
         self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout,
                                      access_log_format=ACCESS_LOG_FORMAT)
         await self._runner.setup()
@@ -191,7 +191,7 @@ class Daemon:
         assert self._runner is not None
         if self._site is not None:
             await self._site.stop()  # no new connections
-            if not await self._inflight.wait_idle(self.settings.http.shutdown_timeout):
+            if not await self._observer.wait_idle(self.settings.http.shutdown_timeout):
                 log.warning("requests still running after %.0f s; closing them", self.settings.http.shutdown_timeout)
         await self._runner.cleanup()
 

@@ -1,5 +1,5 @@
 """The response envelope ``{"success","errorCode","errorMsg","data"}`` and the one middleware that
-turns domain errors (and anything unexpected) into it."""
+checks the token (default deny) and turns domain errors (and anything unexpected) into it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from otad.errors import InvalidInput, NotFound, OtadError
+from otad.http.auth import require_token
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ _HTTP_ERRORS: dict[int, type[OtadError]] = {404: NotFound, 405: InvalidInput, 41
 async def envelope_middleware(request: web.Request, handler) -> web.StreamResponse:
     always_200 = request.app[ALWAYS_HTTP_200]
     try:
+        await require_token(request)
         return await handler(request)
     except OtadError as error:
         if error.status >= 500:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,18 +36,3 @@ async def metrics(request: web.Request) -> web.Response:
                 registry.campaign_devices.labels(str(campaign.id), state).set(count)
     body = generate_latest(registry.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-@web.middleware
-async def latency_middleware(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].http_latency.labels(route, request.method, str(status)).observe(
-            time.perf_counter() - started)

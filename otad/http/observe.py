@@ -1,0 +1,62 @@
+"""One middleware for what every request needs observed: in-flight count (for a graceful stop),
+request id (in the reply and the access log), and latency by route (for /metrics).
+
+One layer instead of three: each aiohttp middleware is another coroutine per request, and the
+passive poll devices repeat all day is otherwise dominated by such overhead (bench/http_bench.py).
+
+In-flight counting exists because aiohttp's graceful shutdown marks every connection closing
+first and from then on drops the bytes still arriving (``RequestHandler.data_received`` returns
+early): an upload in progress stalls until the shutdown timeout and is cut. So the daemon stops
+listening, waits here until in-flight requests are done (bounded), and only then lets aiohttp close
+the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from aiohttp import web
+
+from otad.metrics import Metrics
+
+
+class RequestObserver:
+    def __init__(self, metrics: Metrics) -> None:
+        self._latency = metrics.http_latency
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        self._count += 1
+        self._idle.clear()
+        request_id = request.headers.get("X-Request-Id") or os.urandom(8).hex()
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers["X-Request-Id"] = request_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            self._latency.labels(resource.canonical if resource is not None else "unmatched", request.method,
+                                 str(status)).observe(time.perf_counter() - started)
+            self._count -= 1
+            if self._count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when every request finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
