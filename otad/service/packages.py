@@ -22,6 +22,9 @@ class PackageCatalog:
         self._firmware = firmware
         self._publisher = publisher
         self._max_upload_size = max_upload_size
+        # file name -> package, for the download path every device takes (packages never change;
+        # a deleted one is dropped here before its file is removed).
+        self._by_file: dict[str, PackageRecord] = {}
 
     @property
     def max_upload_size(self) -> int:
@@ -63,7 +66,12 @@ class PackageCatalog:
         return await repo.list_packages()
 
     async def find_by_file(self, file_name: str) -> PackageRecord | None:
-        return await repo.find_package_by_file(file_name)
+        package = self._by_file.get(file_name)
+        if package is None:
+            package = await repo.find_package_by_file(file_name)
+            if package is not None:
+                self._by_file[file_name] = package
+        return package
 
     async def delete(self, raw_id: object) -> None:
         """Delete a package and its file; upgrades still pointing at it are cancelled."""
@@ -82,5 +90,6 @@ class PackageCatalog:
             await repo.delete_package(package.id)
         except repo.StillUsed:
             raise in_use from None
+        self._by_file.pop(package.file_name, None)
         await self._firmware.discard(package.file_name)
         log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, len(devices))
