@@ -130,6 +130,7 @@ class Daemon:
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await services.devices.warm_login_cache()
+        await services.devices.reset_presence()  # nobody is connected to a broker that is not started
 
         async def on_report(device_name: str, payload: bytes) -> bytes:
             return (await services.reports.apply(device_name, payload)).to_json()
@@ -139,13 +140,14 @@ class Daemon:
         await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
                                  services.devices.note_presence)
         self._stack.push_async_callback(self._broker.stop)
+        # Before the campaign engine runs: it may supersede what is being restored.
+        restored = await services.upgrades.restore_pending()
+        if restored:
+            log.info("restored the pending OTA command of %d device(s)", restored)
         maintenance = asyncio.create_task(self._maintain(services), name="otad-maintenance")
         self._stack.push_async_callback(_cancel, maintenance)
         rollouts = asyncio.create_task(self._roll_out(services), name="otad-campaigns")
         self._stack.push_async_callback(_cancel, rollouts)
-        restored = await services.upgrades.restore_pending()
-        if restored:
-            log.info("restored the pending OTA command of %d device(s)", restored)
 
         app = create_app(services, settings, self._observer, self.metrics, self.health)
         self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout,

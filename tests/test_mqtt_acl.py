@@ -137,3 +137,24 @@ async def test_anonymous_clients_are_accepted_only_in_lab_mode(tmp_path):
     finally:
         await lab.session.close()
         await lab.daemon.stop()
+
+
+async def test_a_device_cannot_publish_on_its_own_command_or_reply_topic(otad):
+    """Otherwise it could erase (empty retained publish) or forge its own pending command."""
+    password = await otad.add_device("dev1", 1)
+    await otad.upload("fw", 1, b"fw")
+    await otad.enable("fw", "dev1")
+    device = RawClient(otad.mqtt_port)
+    assert (await device.connect("dev1-a", "dev1", password))[1] == 0
+    await device.publish("/oc/devices/dev1/sys/ota", b"", qos=1, retain=True)
+    await device.publish("/oc/devices/dev1/sys/ota/report_reply", b"{}", qos=1)
+    await device.close()
+    willing = RawClient(otad.mqtt_port)
+    _, code = await willing.connect("dev1-b", "dev1", password, will=("/oc/devices/dev1/sys/ota", b"", 1, True))
+    assert code == NOT_AUTHORIZED
+    await willing.close()
+    listener = otad.device("dev1", password, client_id="dev1-c")
+    assert await listener.connect() == 0
+    await listener.subscribe("/oc/devices/dev1/sys/ota")
+    assert b'"fileName"' in (await listener.next_message()).payload  # the command is still there
+    await listener.close()

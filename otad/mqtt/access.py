@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from enum import StrEnum
 
-from otad.mqtt.topics import is_own_topic
+from otad.mqtt.topics import is_own_topic, is_server_only
 from otad.service.devices import DeviceRegistry
 
 log = logging.getLogger(__name__)
@@ -37,3 +37,10 @@ class AccessPolicy:
         if verdict == Verdict.ANONYMOUS:
             return True
         return verdict == Verdict.DEVICE and bool(username) and is_own_topic(username, topic)
+
+    @classmethod
+    def may_publish(cls, verdict: Verdict | None, username: str | None, topic: str) -> bool:
+        """Publishing (and wills) additionally excludes the device's server-only topics."""
+        if verdict == Verdict.DEVICE and username and is_server_only(username, topic):
+            return False
+        return cls.may_use(verdict, username, topic)

@@ -64,7 +64,7 @@ class OtaBroker(Broker):
         handler.max_packet_size = self._max_packet_size
         verdict = await self._policy.authenticate(incoming.username, incoming.password)
         if (verdict != Verdict.REFUSED and incoming.will_flag
-                and not self._policy.may_use(verdict, incoming.username, incoming.will_topic or "")):
+                and not self._policy.may_publish(verdict, incoming.username, incoming.will_topic or "")):
             # amqtt publishes (and retains) a will without the topic ACL: a device could leave a
             # forged OTA command on another device's topic. A will is only for the client's own topics.
             log.warning("MQTT CONNECT of %r refused: will topic %r is not its own", incoming.username,
@@ -110,7 +110,8 @@ class OtaBroker(Broker):
         return session.otad_verdict in (Verdict.DEVICE, Verdict.ANONYMOUS)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        allowed = self._policy.may_use(session.otad_verdict, session.username, topic)
+        check = self._policy.may_publish if action == Action.PUBLISH else self._policy.may_use
+        allowed = check(session.otad_verdict, session.username, topic)
         if not allowed and action != Action.RECEIVE:
             log.warning("MQTT %s refused: %r may not use %r", action.value, session.username, topic)
         return allowed
@@ -130,14 +131,18 @@ class OtaBroker(Broker):
         handler.attach(client_session, reader, writer)
         # Registered before the old connection is told to go, so its teardown sees it was replaced.
         self._sessions[client_session.client_id] = (client_session, handler)
-        if client_session.transitions.is_connected() and previous is not None:
-            # [MQTT-3.1.4-2] the same client connected again: close its old connection.
-            log.info("client %s reconnected: closing its previous connection", client_session.client_id)
-            await previous[1].handle_connection_closed()
-            await previous[1].stop()
-        else:
-            client_session.transitions.connect()
+        if client_session.transitions.is_connected():
+            # Until the CONNACK is out, messages for this session are queued, not written to the new
+            # socket ahead of it [MQTT-3.2.0-1].
+            client_session.transitions.disconnect()
+            if previous is not None:
+                # [MQTT-3.1.4-2] the same client connected again: close its old connection.
+                log.info("client %s reconnected: closing its previous connection", client_session.client_id)
+                await previous[1].handle_connection_closed()
+                await previous[1].stop()
         await handler.mqtt_connack_authorize(True)
+        client_session.transitions.connect()
+        client_session.otad_sent = {}
         if client_session.otad_verdict == Verdict.DEVICE:
             self._events.presence(client_session.username, True)
         await handler.start()  # re-sends unacknowledged QoS 1/2 messages with DUP [MQTT-4.4.0-1]
@@ -164,13 +169,10 @@ class OtaBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        sends = []
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            sends.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
-                                                                    retain=False)))
-        if sends:
-            await asyncio.wait(sends)
+            # Tracked, not awaited: amqtt waited for every PUBACK before serving the client at all.
+            self._send(session, handler, queued.topic, queued.data, queued.qos)
 
     # --- routing ---
 
@@ -234,10 +236,15 @@ class OtaBroker(Broker):
                 continue
             handler = self._get_handler(session)
             if handler is not None:
-                delivery = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-                self._metrics.mqtt_messages_out.inc()
-                self._deliveries.add(delivery)
-                delivery.add_done_callback(self._delivery_done)
+                self._send(session, handler, topic, data, qos)
+
+    def _send(self, session: Session, handler, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
+        if topic in self._retained_messages:
+            session.otad_sent[topic] = data  # so a re-SUBSCRIBE does not get the same command again
+        delivery = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=retain))
+        self._metrics.mqtt_messages_out.inc()
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._delivery_done)
 
     def _delivery_done(self, delivery: asyncio.Future) -> None:
         self._deliveries.discard(delivery)
@@ -354,14 +361,13 @@ class OtaBroker(Broker):
             return
         topics = self._retained_topics.topics_matched_by(topic_filter) if _is_wildcard(topic_filter) else (
             [topic_filter] if topic_filter in self._retained_messages else [])
-        sends = []
-        for topic in topics:
+        for topic in list(topics):
             retained = self._retained_messages[topic]
+            if session.otad_sent.get(topic) == retained.data:
+                continue  # this connection already got it (queued while offline, or live)
             if self._policy.may_use(session.otad_verdict, session.username, topic):
-                sends.append(asyncio.ensure_future(handler.mqtt_publish(
-                    topic, retained.data, min(qos, QOS_2 if retained.qos is None else retained.qos), retain=True)))
-        if sends:
-            await asyncio.wait(sends)
+                self._send(session, handler, topic, retained.data,
+                           min(qos, QOS_2 if retained.qos is None else retained.qos), retain=True)
 
     # --- the service's commands ---
 
@@ -371,6 +377,10 @@ class OtaBroker(Broker):
         ``payload=None`` clears the command."""
         for session, _ in self._subscribers_of(topic).values():
             _drop_queued(session, topic)
+            if session.transitions.state != "connected":
+                # Sent but never acknowledged: amqtt would re-send it (DUP) on reconnect.
+                for packet_id in [pid for pid, m in session.inflight_out.items() if m.topic == topic]:
+                    del session.inflight_out[packet_id]
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
             self._deliver(None, topic, payload, QOS_1)

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
+_MAX_PENDING = 10_000
+
 ReportHandler = Callable[[str, bytes], Awaitable[bytes | None]]  # the reply, if any
 PresenceHandler = Callable[[str, bool], None]
 
@@ -22,11 +24,15 @@ class DeviceEvents:
         self._on_report = on_report
         self._on_presence = on_presence
         self._reply = reply
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        # Bounded: a flood of reports is dropped (and logged) rather than held in memory.
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_MAX_PENDING)
         self._consumer: asyncio.Task | None = None
 
     def inbound(self, device_name: str, payload: bytes) -> None:
-        self._queue.put_nowait((device_name, payload))
+        try:
+            self._queue.put_nowait((device_name, payload))
+        except asyncio.QueueFull:
+            log.warning("dropping an OTA report from %s: %d reports are waiting", device_name, _MAX_PENDING)
 
     def presence(self, device_name: str, online: bool) -> None:
         try:
@@ -36,6 +42,14 @@ class DeviceEvents:
 
     def start(self) -> None:
         self._consumer = asyncio.create_task(self._consume(), name="otad-mqtt-reports")
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) until every report already received is applied: the devices got their
+        PUBACK and will not send them again."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("%d OTA reports not applied at shutdown", self._queue.qsize())
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -52,3 +66,5 @@ class DeviceEvents:
                     self._reply(device_name, reply)
             except Exception:
                 log.exception("handling an OTA report from %s failed; continuing", device_name)
+            finally:
+                self._queue.task_done()

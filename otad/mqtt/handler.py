@@ -57,7 +57,9 @@ class OtaProtocolHandler(BrokerProtocolHandler):
         self._reader_stopped = LightEvent()  # type: ignore[assignment]
         self._reader_task = asyncio.create_task(self._reader_loop())
         await self._reader_ready.wait()
-        await self._retry_deliveries()
+        # [MQTT-4.4.0-1] re-send what is unacknowledged, without holding up the session for the
+        # acknowledgements (amqtt waited up to 10 s per message before serving the client).
+        self._redelivery = asyncio.create_task(self._retry_deliveries())
         if self._disconnect_waiter is None or self._disconnect_waiter.done():
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
 
@@ -69,6 +71,7 @@ class OtaProtocolHandler(BrokerProtocolHandler):
         self._last_received = 0.0
         self._keepalive_expired = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._redelivery: asyncio.Task | None = None
 
     async def _reader_loop(self) -> None:
         assert self.session is not None and self._reader_ready is not None and self.reader is not None
@@ -113,6 +116,8 @@ class OtaProtocolHandler(BrokerProtocolHandler):
             log.warning("client %s sent a malformed packet (%s): closing", client_id, exc)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._redelivery is not None:
+            self._redelivery.cancel()
         for task in running:
             task.cancel()
         await self.handle_connection_closed()

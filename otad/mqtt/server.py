@@ -123,13 +123,15 @@ class EmbeddedBroker:
         self._broker.publish(ota_report_reply_topic(device_name), payload)
 
     async def stop(self) -> None:
-        if self._events is not None:
-            await self._events.stop()
+        """Stop accepting, end the sessions, apply the reports already received, then stop."""
         if self._server is not None:
             self._server.close()
         if self._broker is not None:
             await self._broker.shutdown()
-            self._broker = None
+        if self._events is not None:
+            await self._events.drain(timeout=10)
+            await self._events.stop()
+        self._broker = None
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

@@ -61,7 +61,7 @@ class SessionStates:
 class LightSession(Session):
     # otad's own per-session state lives in slots: added to the instance dict, two more keys would
     # make every session's dict grow into a private 1.5 KB copy.
-    __slots__ = ("otad_verdict", "otad_filters")
+    __slots__ = ("otad_verdict", "otad_filters", "otad_sent")
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,6 +69,7 @@ class LightSession(Session):
         self.delivered_message_queue = LightQueue()  # type: ignore[assignment]
         self.otad_verdict = None
         self.otad_filters: set[str] | None = None
+        self.otad_sent: dict[str, bytes] = {}  # command topic -> payload sent on the current connection
 
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)  # type: ignore[assignment]

@@ -34,3 +34,10 @@ def reporting_device(topic: str) -> str | None:
         if name and "/" not in name:
             return name
     return None
+
+
+def is_server_only(device_name: str, topic: str) -> bool:
+    """Topics inside a device's root that only otad publishes on: its OTA command and the replies to
+    its reports. A device publishing (or retaining, or leaving a will) there could erase or forge
+    its own pending command while its upgrade stays open."""
+    return topic in (OTA_COMMAND.format(device=device_name), OTA_REPORT_REPLY.format(device=device_name))

@@ -8,8 +8,10 @@ The engine (``tick``) is stateless between calls apart from the database, so a r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,12 +57,17 @@ class CampaignStatus:
     devices_per_stage: Counter = field(default_factory=Counter)
 
 
-def _fraction(raw: object, field_name: str, default: float) -> float:
+def _number(raw: object, field_name: str, default: float, low: float, high: float) -> float:
+    """A finite number in [low, high] (JSON as Python parses it also has NaN and Infinity)."""
     if raw is None:
         return default
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= raw <= 1:
-        raise InvalidInput(f"参数无效: {field_name} must be a number from 0 to 1")
+    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw)
+            or not low <= raw <= high):
+        raise InvalidInput(f"参数无效: {field_name} must be a number from {low:g} to {high:g}")
     return float(raw)
+
+
+_TEN_YEARS = 10 * 365 * 24 * 3600.0
 
 
 class Campaigns:
@@ -69,6 +76,9 @@ class Campaigns:
         self._default_timeout = default_timeout
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
         self._stages: dict[int, dict[str, int | None]] = {}  # campaign id -> device -> stage (a hash each)
+        # One campaign step, pause, resume or cancel at a time: a cancel must not land in the middle
+        # of a step that is still sending commands.
+        self._lock = asyncio.Lock()
 
     async def create(self, body: object) -> CampaignRecord:
         if not isinstance(body, dict):
@@ -80,22 +90,20 @@ class Campaigns:
                                                               for s in stages)
                 or any(not 0 < s <= 100 for s in stages) or stages != sorted(set(stages))):
             raise InvalidInput("参数无效: stages must be rising cumulative percentages such as [1, 10, 50, 100]")
-        success = _fraction(body.get("successThreshold"), "successThreshold", 0.95)
-        failure = _fraction(body.get("failureThreshold"), "failureThreshold", 0.05)
+        success = _number(body.get("successThreshold"), "successThreshold", 0.95, 0, 1)
+        failure = _number(body.get("failureThreshold"), "failureThreshold", 0.05, 0, 1)
         max_concurrent = parse_int(body.get("maxConcurrent", 100), "maxConcurrent")
-        rate = body.get("notifyRate", 10)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0 or max_concurrent < 1:
-            raise InvalidInput("参数无效: notifyRate (per second) and maxConcurrent must be positive")
-        timeout = body.get("timeout", self._default_timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidInput("参数无效: timeout must be a positive number of seconds")
+        if not 1 <= max_concurrent <= 100_000:
+            raise InvalidInput("参数无效: maxConcurrent must be from 1 to 100000")
+        rate = _number(body.get("notifyRate"), "notifyRate", 10, 0.001, 100_000)
+        timeout = _number(body.get("timeout"), "timeout", self._default_timeout, 1, _TEN_YEARS)
         package = await repo.find_package(product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {product_id} has no package named '{name}'")
         campaign = await repo.insert_campaign(
             name=name, product_id=product_id, package_id=package.id, stages=stages, success_threshold=success,
-            failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=float(rate),
-            timeout=float(timeout), state=CampaignState.RUNNING, current_stage=0)
+            failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=rate,
+            timeout=timeout, state=CampaignState.RUNNING, current_stage=0)
         log.info("campaign %d: '%s' to product %d in stages %s", campaign.id, name, product_id, stages)
         return campaign
 
@@ -109,18 +117,29 @@ class Campaigns:
         return await repo.list_campaigns()
 
     async def pause(self, raw_id: object) -> CampaignRecord:
-        return await self._move(raw_id, (CampaignState.RUNNING,), CampaignState.PAUSED, "paused by an admin")
+        async with self._lock:
+            return await self._move(raw_id, (CampaignState.RUNNING,), CampaignState.PAUSED, "paused by an admin")
 
     async def resume(self, raw_id: object) -> CampaignRecord:
-        return await self._move(raw_id, (CampaignState.PAUSED,), CampaignState.RUNNING, None)
+        """Run again. Failures so far are accepted by the admin who resumes: only new ones count
+        against the threshold, or a campaign that paused itself would pause again at once."""
+        async with self._lock:
+            campaign = await self.get(raw_id)
+            failures = sum(1 for upgrade in await repo.campaign_upgrades(campaign.id) if upgrade.state in FAILED)
+            if not await repo.update_campaign(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
+                                              reason=None, failures_accepted=failures):
+                raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
+            return await self.get(campaign.id)
 
     async def cancel(self, raw_id: object) -> CampaignRecord:
-        campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED), CampaignState.CANCELLED,
-                                    "cancelled by an admin")
-        for upgrade in await repo.campaign_upgrades(campaign.id):
-            if upgrade.state in OPEN_STATES:
-                await self._upgrades.transition(upgrade, UpgradeState.CANCELLED, "admin", "campaign cancelled")
-        return campaign
+        async with self._lock:
+            campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED),
+                                        CampaignState.CANCELLED, "cancelled by an admin")
+            # One statement for all, whatever state each upgrade has reached by now.
+            for device_name in await repo.end_open_upgrades_of_campaign(
+                    campaign.id, OPEN_STATES, UpgradeState.CANCELLED, self._upgrades.clock(), "campaign cancelled"):
+                await self._upgrades.withdraw(device_name)
+            return campaign
 
     async def _move(self, raw_id: object, from_states: tuple, to_state: CampaignState,
                     reason: str | None) -> CampaignRecord:
@@ -148,11 +167,15 @@ class Campaigns:
 
     async def tick(self) -> None:
         """Advance every running campaign one step; called every half second by the daemon."""
-        for campaign in await repo.list_campaigns([CampaignState.RUNNING]):
-            try:
-                await self._advance(campaign)
-            except Exception:
-                log.exception("campaign %d: step failed; retrying next tick", campaign.id)
+        for listed in await repo.list_campaigns([CampaignState.RUNNING]):
+            async with self._lock:
+                campaign = await repo.find_campaign(listed.id)  # as it is now, under the lock
+                if campaign is None or campaign.state != CampaignState.RUNNING:
+                    continue
+                try:
+                    await self._advance(campaign)
+                except Exception:
+                    log.exception("campaign %d: step failed; retrying next tick", campaign.id)
 
     async def _advance(self, campaign: CampaignRecord) -> None:
         devices = await repo.device_names_of_product(campaign.product_id)
@@ -163,7 +186,7 @@ class Campaigns:
         stage = campaign.current_stage
         opened = [name for name, s in stage_by_device.items() if s is not None and s <= stage]
         states = Counter(upgrades[name].state for name in opened if name in upgrades)
-        failed = sum(states[s] for s in FAILED)
+        failed = max(0, sum(states[s] for s in FAILED) - campaign.failures_accepted)
         ended = failed + states[UpgradeState.UPDATED]
         if opened and failed / len(opened) > campaign.failure_threshold:
             reason = (f"paused itself: {failed} of {len(opened)} devices in stages 1-{stage + 1} failed "
@@ -172,9 +195,13 @@ class Campaigns:
                                        reason=reason)
             log.warning("campaign %d %s", campaign.id, reason)
             return
-        waiting = [name for name in opened if name not in upgrades]
+        # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
+        busy = {upgrade.device_name for upgrade in await repo.open_upgrades(OPEN_STATES)
+                if upgrade.campaign_id != campaign.id and upgrade.state not in (UpgradeState.CREATED,
+                                                                                 UpgradeState.NOTIFIED)}
+        waiting = [name for name in opened if name not in upgrades and name not in busy]
         in_flight = sum(states[s] for s in OPEN_STATES)
-        if not waiting and in_flight == 0:
+        if not waiting and in_flight == 0 and not busy.intersection(opened):
             success = states[UpgradeState.UPDATED] / ended if ended else 1.0
             if success < campaign.success_threshold:
                 reason = f"paused itself: stage {stage + 1} succeeded on {success:.0%}, below the threshold"
@@ -191,16 +218,22 @@ class Campaigns:
         budget = min(campaign.max_concurrent - in_flight, self._take_tokens(campaign, len(waiting)))
         if budget <= 0:
             return
-        package = await repo.find_package_by_id(campaign.package_id)
+        package = await repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
+        if package is None:
+            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+                                       reason="paused itself: its package is gone")
+            return
         ids = dict((name, device_id) for device_id, name in devices)
         for name in sorted(waiting, key=lambda n: (stage_by_device[n], n))[:budget]:
             await self._upgrades.start(ids[name], name, package, campaign.timeout, campaign.id, stage_by_device[name])
 
     def _take_tokens(self, campaign: CampaignRecord, wanted: int) -> int:
-        """notifyRate as a token bucket holding at most one second's worth."""
+        """notifyRate as a token bucket holding one second's worth, and at least one token (a rate
+        below one per second must still send)."""
         now = time.monotonic()
-        tokens, at = self._tokens.get(campaign.id, (campaign.notify_rate, now))
-        tokens = min(campaign.notify_rate, tokens + (now - at) * campaign.notify_rate)
+        capacity = max(1.0, campaign.notify_rate)
+        tokens, at = self._tokens.get(campaign.id, (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * campaign.notify_rate)
         taken = min(int(tokens), wanted)
         self._tokens[campaign.id] = (tokens - taken, now)
         return taken

@@ -40,6 +40,11 @@ class DeviceRegistry:
     def note_presence(self, name: str, online: bool) -> None:
         self._presence[name] = (online, datetime.now(timezone.utc))
 
+    async def reset_presence(self) -> None:
+        """At start: whatever was online when the last process ended (even by kill -9) is not now."""
+        self._presence = {}
+        await repo.mark_all_offline()
+
     async def flush_presence(self) -> int:
         pending, self._presence = self._presence, {}
         if pending:

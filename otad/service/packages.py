@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from otad.errors import Conflict, NotFound, StillReferenced
 from otad.firmware import FirmwareStore
 from otad.service.ports import Publisher
-from otad.service.states import OPEN_STATES, UpgradeState
+from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
 from otad.service.validation import check_package_name, optional_text, parse_int, safe_text
 from otad.store import repo
 from otad.store.records import PackageRecord
@@ -79,9 +79,10 @@ class PackageCatalog:
         package = await repo.find_package_by_id(package_id)
         if package is None:
             raise NotFound(f"参数无效: no package with id {package_id}")
-        in_use = StillReferenced("存在依赖关系，无法删除: a passive or xiaozhi pin uses this package; delete the pin first")
-        if await repo.package_is_pinned(package.id):
-            raise in_use
+        users = await repo.package_users(package.id, LIVE_CAMPAIGN_STATES)
+        if users:
+            raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
+        in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
         devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED,
                                                        datetime.now(timezone.utc))
         for device_name in devices:

@@ -34,13 +34,15 @@ class Reports:
         input: the device gets a reply saying what was wrong, and the log a line."""
         try:
             report = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             return self._refuse(device_name, None, "payload is not JSON")
         if not isinstance(report, dict):
             return self._refuse(device_name, None, "payload is not a JSON object")
         version = report.get("version")
         if not isinstance(version, str) or not version:
             return self._refuse(device_name, None, "version (the upgrade's id from the command) is required")
+        if len(version) > 36:
+            return self._refuse(device_name, None, "no such upgrade for this device")
         status = report.get("status")
         if status not in REPORTED_STATES:
             return self._refuse(device_name, version, f"status must be one of {', '.join(REPORTED_STATES)}")
@@ -61,7 +63,9 @@ class Reports:
             device = await repo.find_device(device_name)
             if device is not None:
                 await repo.set_firmware_version(device.id, current)
-        detail = json.dumps(report, ensure_ascii=False, separators=(",", ":"))
+        # Only the fields we know go in the timeline: a report is not a way to fill the disk.
+        known = {key: report[key] for key in ("status", "progress", "message", "currentVersion") if key in report}
+        detail = json.dumps(known, ensure_ascii=False, separators=(",", ":"))
         target = next_state(UpgradeState(upgrade.state), UpgradeState(status))
         if target is None or not await self._upgrades.transition(upgrade, target, "device", detail,
                                                                   progress=progress, message=message):

@@ -42,3 +42,6 @@ def next_state(current: UpgradeState, reported: UpgradeState) -> UpgradeState | 
     if reported in TERMINAL_STATES:
         return reported
     return reported if _PROGRESS_ORDER[reported] > _PROGRESS_ORDER[current] else None
+
+# Campaigns that may still send their package ("running", "paused"; see otad.service.campaigns).
+LIVE_CAMPAIGN_STATES = ("running", "paused")

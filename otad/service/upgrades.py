@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from otad.store.records import PackageRecord, UpgradeEventRecord, UpgradeRecord
 log = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 500
+_MAX_TIMEOUT = 10 * 365 * 24 * 3600
+_UPGRADE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def ota_command(file_name: str, version: str, md5: str) -> bytes:
@@ -64,8 +67,8 @@ class UpgradeService:
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
         seconds = self._default_timeout if timeout in (None, "") else parse_int(timeout, "timeout")
-        if seconds <= 0:
-            raise InvalidInput("参数无效: timeout must be a positive number of seconds")
+        if not 0 < seconds <= _MAX_TIMEOUT:
+            raise InvalidInput(f"参数无效: timeout must be from 1 to {_MAX_TIMEOUT} seconds")
         return await self.start(device.id, device.name, package, seconds)
 
     async def start(self, device_id: int, device_name: str, package: PackageRecord, timeout: float,
@@ -110,11 +113,19 @@ class UpgradeService:
                      to_state, source)
         return moved
 
+    async def withdraw(self, device_name: str) -> None:
+        """Forget the device's pending command (its upgrade was ended elsewhere)."""
+        await self._publisher.clear_command(device_name)
+
     async def cancel(self, version: str) -> UpgradeRecord:
-        upgrade = await self.get(version)
-        if upgrade.state in TERMINAL_STATES or not await self.transition(upgrade, UpgradeState.CANCELLED, "admin"):
-            raise Conflict(f"参数无效: upgrade {version} has already ended ({upgrade.state})")
-        return await self.get(version)
+        # A report may move the upgrade between reading and writing it: read again and retry.
+        for _ in range(5):
+            upgrade = await self.get(version)
+            if upgrade.state in TERMINAL_STATES:
+                raise Conflict(f"参数无效: upgrade {version} has already ended ({upgrade.state})")
+            if await self.transition(upgrade, UpgradeState.CANCELLED, "admin"):
+                return await self.get(version)
+        raise Conflict(f"参数无效: upgrade {version} keeps changing; try again")
 
     async def expire_due(self) -> int:
         """Time out every open upgrade past its deadline; the timeout sweeper calls this."""
@@ -127,8 +138,8 @@ class UpgradeService:
     # --- looking ---
 
     async def get(self, version: object) -> UpgradeRecord:
-        if not isinstance(version, str) or not version:
-            raise InvalidInput("参数无效: version")
+        if not isinstance(version, str) or not _UPGRADE_ID.fullmatch(version):
+            raise NotFound(f"参数无效: no upgrade {str(version)[:64]!r}")
         upgrade = await repo.find_upgrade(version)
         if upgrade is None:
             raise NotFound(f"参数无效: no upgrade {version}")
@@ -142,7 +153,7 @@ class UpgradeService:
         device = check_device_name(device_name) if device_name not in (None, "") else None
         if state not in (None, "") and state not in set(UpgradeState):
             raise InvalidInput(f"参数无效: state must be one of {', '.join(UpgradeState)}")
-        page_number = 1 if page in (None, "") else max(parse_int(page, "page"), 1)
+        page_number = 1 if page in (None, "") else min(max(parse_int(page, "page"), 1), 1_000_000)
         size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
         campaign_id = None if campaign in (None, "") else parse_int(campaign, "campaign")
         items, total = await repo.list_upgrades(device_name=device, state=state or None, campaign_id=campaign_id,

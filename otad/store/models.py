@@ -157,7 +157,9 @@ class Campaign(Model):
     id = fields.IntField(primary_key=True)
     name = fields.CharField(max_length=255)  # the package name, as otaEnable takes it
     product_id = fields.BigIntField()
-    package = fields.ForeignKeyField("models.Package", related_name="campaigns", on_delete=fields.RESTRICT)
+    # SET_NULL: a finished or cancelled campaign keeps its history when its package is deleted.
+    package = fields.ForeignKeyField("models.Package", related_name="campaigns", on_delete=fields.SET_NULL,
+                                     null=True)
     stages = fields.TextField()  # JSON list of cumulative percentages, e.g. [1, 10, 50, 100]
     success_threshold = fields.FloatField()
     failure_threshold = fields.FloatField()
@@ -166,6 +168,7 @@ class Campaign(Model):
     timeout = fields.FloatField()  # seconds each upgrade may take
     state = fields.CharField(max_length=16, db_index=True)  # running, paused, cancelled, finished
     current_stage = fields.IntField(default=0)
+    failures_accepted = fields.IntField(default=0)  # failures an admin resumed past
     reason = fields.TextField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
     updated_at = fields.DatetimeField(auto_now=True)

@@ -113,7 +113,7 @@ class CampaignRecord:
     id: int
     name: str
     product_id: int
-    package_id: int
+    package_id: int | None
     stages: list[int]
     success_threshold: float
     failure_threshold: float
@@ -124,3 +124,4 @@ class CampaignRecord:
     current_stage: int
     reason: str | None
     created_at: datetime
+    failures_accepted: int = 0

@@ -159,10 +159,17 @@ async def list_packages() -> list[PackageRecord]:
     return [_package(row) for row in await Package.all().order_by("id")]
 
 
-async def package_is_pinned(package_id: int) -> bool:
-    """Whether a pin or a campaign still uses the package."""
-    return ((await PassivePin.exists(package_id=package_id)) or (await XiaozhiPin.exists(package_id=package_id))
-            or (await Campaign.exists(package_id=package_id)))
+async def package_users(package_id: int, live_campaign_states: Iterable[str]) -> list[str]:
+    """What still needs the package: pins, and campaigns that may yet send it."""
+    users = []
+    if await PassivePin.exists(package_id=package_id):
+        users.append("a passive pin")
+    if await XiaozhiPin.exists(package_id=package_id):
+        users.append("a xiaozhi pin")
+    campaigns = await Campaign.filter(package_id=package_id, state__in=list(live_campaign_states)).values_list(
+        "id", flat=True)
+    users += [f"campaign {campaign_id}" for campaign_id in campaigns]
+    return users
 
 
 async def delete_package(package_id: int) -> bool:
@@ -333,6 +340,10 @@ async def set_firmware_version(device_id: int, firmware_version: str) -> None:
     await Device.filter(id=device_id).update(firmware_version=firmware_version)
 
 
+async def mark_all_offline() -> None:
+    await Device.filter(online=True).update(online=False)
+
+
 async def save_presence(presence: dict[str, tuple[bool, datetime]]) -> None:
     """Write devices' online flag and last-seen time, batched by the caller."""
     async with in_transaction():
@@ -358,7 +369,8 @@ def _campaign(row: Campaign) -> CampaignRecord:
                           stages=json.loads(row.stages), success_threshold=row.success_threshold,
                           failure_threshold=row.failure_threshold, max_concurrent=row.max_concurrent,
                           notify_rate=row.notify_rate, timeout=row.timeout, state=row.state,
-                          current_stage=row.current_stage, reason=row.reason, created_at=row.created_at)
+                          current_stage=row.current_stage, reason=row.reason, created_at=row.created_at,
+                          failures_accepted=row.failures_accepted)
 
 
 async def insert_campaign(**fields_) -> CampaignRecord:
@@ -383,6 +395,19 @@ async def update_campaign(campaign_id: int, from_states: Iterable[str], **change
 
 async def device_names_of_product(product_id: int) -> list[tuple[int, str]]:
     return [(row[0], row[1]) for row in await Device.filter(product_id=product_id).values_list("id", "name")]
+
+
+async def end_open_upgrades_of_campaign(campaign_id: int, open_states: Iterable[str], state: str, at: datetime,
+                                        detail: str) -> list[str]:
+    """Move every open upgrade of a campaign to ``state`` in one statement, whatever open state
+    each has reached by now; return the devices whose command must be withdrawn."""
+    async with in_transaction():
+        rows = await Upgrade.filter(campaign_id=campaign_id, state__in=list(open_states)).prefetch_related("device")
+        await Upgrade.filter(id__in=[row.id for row in rows], state__in=list(open_states)).update(
+            state=state, finished_at=at)
+        await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=state, source="admin",
+                                                     detail=detail) for row in rows])
+    return [row.device.name for row in rows]
 
 
 async def campaign_upgrades(campaign_id: int) -> list[UpgradeRecord]:
