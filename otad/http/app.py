@@ -29,6 +29,7 @@ def create_app(services: Services, settings: Settings, observer: RequestObserver
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[HEALTH] = health
+    app[passive_routes.POLL_REPLIES] = {}
     app[ALWAYS_HTTP_200] = settings.api.always_http_200
     app.add_routes(admin_routes.routes)
     app.add_routes(download.routes)
