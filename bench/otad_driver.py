@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -21,16 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import rss_kb  # noqa: E402
 from otad.config import load_settings  # noqa: E402
 from otad.daemon import Daemon, tune_garbage_collector  # noqa: E402
 from otad.service.upgrades import ota_command  # noqa: E402
-
-
-def rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def main() -> None:
@@ -95,7 +90,7 @@ async def main() -> None:
             answer({"total_kb": total // 1024, "top": [f"{stat.size // 1024} KB {stat.count} {stat.traceback[0]}"
                                                         for stat in stats[:30]]})
         elif command == "rss":
-            answer({"rss_kb": rss_kb()})
+            answer({"rss_kb": rss_kb(os.getpid())})
         elif command == "quit":
             break
     await daemon.stop()

@@ -48,6 +48,19 @@ async def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 
             await asyncio.sleep(0.1)
 
 
+async def _slow_upload(http: aiohttp.ClientSession, http_port: int, token: str, parts: int):
+    """An upload of ``parts`` x 10 kB sent over ``parts`` tenths of a second."""
+    async def body():
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
+        for _ in range(parts):
+            await asyncio.sleep(0.1)
+            yield b"s" * 10_000
+        yield b"\r\n--B--\r\n"
+
+    return await http.post(f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=body(),
+                           headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"})
+
+
 def _serve(data_dir, http_port: int, mqtt_port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "otad", "serve", "--data-dir", str(data_dir), "--http-host", "127.0.0.1",
@@ -88,17 +101,8 @@ async def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
     try:
         await _wait_for_port(http_port, process)
 
-        async def slow_body():
-            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
-            for _ in range(10):
-                await asyncio.sleep(0.1)
-                yield b"q" * 10_000
-            yield b"\r\n--B--\r\n"
-
         async with aiohttp.ClientSession() as http:
-            upload = asyncio.create_task(http.post(
-                f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=slow_body(),
-                headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"}))
+            upload = asyncio.create_task(_slow_upload(http, http_port, token, parts=10))
             await asyncio.sleep(0.3)
             process.send_signal(signal.SIGTERM)
             response = await upload
@@ -191,17 +195,8 @@ async def test_a_second_daemon_on_the_same_data_dir_refuses_and_harms_nothing(tm
     try:
         await _wait_for_port(http_port, first)
 
-        async def slow_body():
-            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n'
-            for _ in range(15):
-                await asyncio.sleep(0.1)
-                yield b"s" * 10_000
-            yield b"\r\n--B--\r\n"
-
         async with aiohttp.ClientSession() as http:
-            upload = asyncio.create_task(http.post(
-                f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=slow_body(),
-                headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"}))
+            upload = asyncio.create_task(_slow_upload(http, http_port, token, parts=15))
             await asyncio.sleep(0.4)
             second = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "otad", "serve", "--data-dir", str(tmp_path),
