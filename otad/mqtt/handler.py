@@ -15,7 +15,6 @@ DISCONNECT.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 
 from amqtt.mqtt import packet_class

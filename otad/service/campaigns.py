@@ -21,7 +21,7 @@ from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.states import OPEN_STATES, UpgradeState
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import check_package_name, parse_int
-from otad.store import repo
+from otad.store import repo, rollouts
 from otad.store.records import CampaignRecord
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Campaigns:
         package = await repo.find_package(product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {product_id} has no package named '{name}'")
-        campaign = await repo.insert_campaign(
+        campaign = await rollouts.insert_campaign(
             name=name, product_id=product_id, package_id=package.id, stages=stages, success_threshold=success,
             failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=rate,
             timeout=timeout, state=CampaignState.RUNNING, current_stage=0)
@@ -108,13 +108,13 @@ class Campaigns:
         return campaign
 
     async def get(self, raw_id: object) -> CampaignRecord:
-        campaign = await repo.find_campaign(parse_int(raw_id, "id"))
+        campaign = await rollouts.find_campaign(parse_int(raw_id, "id"))
         if campaign is None:
             raise NotFound(f"参数无效: no campaign {raw_id}")
         return campaign
 
     async def list(self) -> list[CampaignRecord]:
-        return await repo.list_campaigns()
+        return await rollouts.list_campaigns()
 
     async def pause(self, raw_id: object) -> CampaignRecord:
         async with self._lock:
@@ -125,8 +125,8 @@ class Campaigns:
         against the threshold, or a campaign that paused itself would pause again at once."""
         async with self._lock:
             campaign = await self.get(raw_id)
-            failures = sum(1 for upgrade in await repo.campaign_upgrades(campaign.id) if upgrade.state in FAILED)
-            if not await repo.update_campaign(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
+            failures = sum(1 for upgrade in await rollouts.campaign_upgrades(campaign.id) if upgrade.state in FAILED)
+            if not await rollouts.update_campaign(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
                                               reason=None, failures_accepted=failures):
                 raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
             return await self.get(campaign.id)
@@ -136,7 +136,7 @@ class Campaigns:
             campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED),
                                         CampaignState.CANCELLED, "cancelled by an admin")
             # One statement for all, whatever state each upgrade has reached by now.
-            for device_name in await repo.end_open_upgrades_of_campaign(
+            for device_name in await rollouts.end_open_upgrades_of_campaign(
                     campaign.id, OPEN_STATES, UpgradeState.CANCELLED, self._upgrades.clock(), "campaign cancelled"):
                 await self._upgrades.withdraw(device_name)
             return campaign
@@ -144,7 +144,7 @@ class Campaigns:
     async def _move(self, raw_id: object, from_states: tuple, to_state: CampaignState,
                     reason: str | None) -> CampaignRecord:
         campaign = await self.get(raw_id)
-        if not await repo.update_campaign(campaign.id, from_states, state=to_state, reason=reason):
+        if not await rollouts.update_campaign(campaign.id, from_states, state=to_state, reason=reason):
             raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
         return await self.get(campaign.id)
 
@@ -158,7 +158,7 @@ class Campaigns:
             stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
             if stage is not None:
                 status.devices_per_stage[stage] += 1
-        for upgrade in await repo.campaign_upgrades(campaign.id):
+        for upgrade in await rollouts.campaign_upgrades(campaign.id):
             status.by_state[upgrade.state] += 1
             status.by_stage.setdefault(upgrade.stage, Counter())[upgrade.state] += 1
         return status
@@ -167,9 +167,9 @@ class Campaigns:
 
     async def tick(self) -> None:
         """Advance every running campaign one step; called every half second by the daemon."""
-        for listed in await repo.list_campaigns([CampaignState.RUNNING]):
+        for listed in await rollouts.list_campaigns([CampaignState.RUNNING]):
             async with self._lock:
-                campaign = await repo.find_campaign(listed.id)  # as it is now, under the lock
+                campaign = await rollouts.find_campaign(listed.id)  # as it is now, under the lock
                 if campaign is None or campaign.state != CampaignState.RUNNING:
                     continue
                 try:
@@ -182,7 +182,7 @@ class Campaigns:
         known = self._stages.setdefault(campaign.id, {})
         stage_by_device = {name: known[name] if name in known else known.setdefault(
             name, stage_of(campaign.product_id, campaign.name, name, campaign.stages)) for _, name in devices}
-        upgrades = {upgrade.device_name: upgrade for upgrade in await repo.campaign_upgrades(campaign.id)}
+        upgrades = {upgrade.device_name: upgrade for upgrade in await rollouts.campaign_upgrades(campaign.id)}
         stage = campaign.current_stage
         opened = [name for name, s in stage_by_device.items() if s is not None and s <= stage]
         states = Counter(upgrades[name].state for name in opened if name in upgrades)
@@ -191,12 +191,12 @@ class Campaigns:
         if opened and failed / len(opened) > campaign.failure_threshold:
             reason = (f"paused itself: {failed} of {len(opened)} devices in stages 1-{stage + 1} failed "
                       f"(over {campaign.failure_threshold:.0%})")
-            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
                                        reason=reason)
             log.warning("campaign %d %s", campaign.id, reason)
             return
         # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
-        busy = {upgrade.device_name for upgrade in await repo.open_upgrades(OPEN_STATES)
+        busy = {upgrade.device_name for upgrade in await rollouts.open_upgrades(OPEN_STATES)
                 if upgrade.campaign_id != campaign.id and upgrade.state not in (UpgradeState.CREATED,
                                                                                  UpgradeState.NOTIFIED)}
         waiting = [name for name in opened if name not in upgrades and name not in busy]
@@ -205,14 +205,14 @@ class Campaigns:
             success = states[UpgradeState.UPDATED] / ended if ended else 1.0
             if success < campaign.success_threshold:
                 reason = f"paused itself: stage {stage + 1} succeeded on {success:.0%}, below the threshold"
-                await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+                await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
                                            reason=reason)
                 return
             if stage + 1 >= len(campaign.stages):
-                await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
+                await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
                 log.info("campaign %d finished", campaign.id)
                 return
-            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
+            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
             log.info("campaign %d: stage %d opened", campaign.id, stage + 2)
             return
         budget = min(campaign.max_concurrent - in_flight, self._take_tokens(campaign, len(waiting)))
@@ -220,7 +220,7 @@ class Campaigns:
             return
         package = await repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
         if package is None:
-            await repo.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
                                        reason="paused itself: its package is gone")
             return
         ids = dict((name, device_id) for device_id, name in devices)

@@ -11,7 +11,7 @@ from otad.firmware import FirmwareStore
 from otad.service.ports import Publisher
 from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
 from otad.service.validation import check_package_name, optional_text, parse_int, safe_text
-from otad.store import repo
+from otad.store import repo, rollouts
 from otad.store.records import PackageRecord
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class PackageCatalog:
         if users:
             raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
         in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
-        devices = await repo.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED,
+        devices = await rollouts.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED,
                                                        datetime.now(timezone.utc))
         for device_name in devices:
             await self._publisher.clear_command(device_name)

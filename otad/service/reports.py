@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from otad.service.states import REPORTED_STATES, UpgradeState, next_state
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import is_clean_text
-from otad.store import repo
+from otad.store import repo, rollouts
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Reports:
             if value is not None and (not isinstance(value, str) or len(value) > 1024 or not is_clean_text(value)):
                 return self._refuse(device_name, version, f"{field} must be printable text")
 
-        upgrade = await repo.find_upgrade(version)
+        upgrade = await rollouts.find_upgrade(version)
         if upgrade is None or upgrade.device_name != device_name:
             return self._refuse(device_name, version, "no such upgrade for this device")
         if isinstance(current, str) and current:
@@ -70,7 +70,7 @@ class Reports:
         if target is None or not await self._upgrades.transition(upgrade, target, "device", detail,
                                                                   progress=progress, message=message):
             # A duplicate, late or out-of-order report: kept in the timeline, the state stands.
-            await repo.note_upgrade_event(version, self._upgrades.clock(), status, "device", detail)
+            await rollouts.note_upgrade_event(version, self._upgrades.clock(), status, "device", detail)
             if upgrade.state in (UpgradeState.CANCELLED, UpgradeState.TIMED_OUT, UpgradeState.SUPERSEDED):
                 return ReportReply(version, False, f"upgrade has ended ({upgrade.state})")
         return ReportReply(version, True, "")

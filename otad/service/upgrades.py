@@ -15,7 +15,7 @@ from otad.service.devices import DeviceRegistry
 from otad.service.ports import Publisher
 from otad.service.states import OPEN_STATES, TERMINAL_STATES, UpgradeState
 from otad.service.validation import check_device_name, check_package_name, parse_int
-from otad.store import repo
+from otad.store import repo, rollouts
 from otad.store.records import PackageRecord, UpgradeEventRecord, UpgradeRecord
 
 log = logging.getLogger(__name__)
@@ -77,23 +77,23 @@ class UpgradeService:
         now = self.clock()
         version = str(uuid.uuid4())
         # Recorded before it is sent: if the process dies in between, the restart sends it.
-        await repo.record_upgrade(version=version, device_id=device_id, package=package,
+        await rollouts.record_upgrade(version=version, device_id=device_id, package=package,
                                   state=UpgradeState.CREATED, at=now, timeout_at=now + timedelta(seconds=timeout),
                                   superseded_state=UpgradeState.SUPERSEDED, open_states=OPEN_STATES,
                                   campaign_id=campaign_id, stage=stage)
         await self._publisher.send_command(device_name, ota_command(package.file_name, version, package.md5))
-        await repo.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
+        await rollouts.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         log.info("upgrade %s: package %d '%s' sent to device %s%s", version, package.id, package.name, device_name,
                  f" (campaign {campaign_id}, stage {stage})" if campaign_id else "")
         return EnabledUpgrade(version=version, device_name=device_name, package=package)
 
     async def restore_pending(self) -> int:
         """Keep each device's latest open command again for its next subscribe (after a restart)."""
-        latest = {upgrade.device_name: upgrade for upgrade in await repo.open_upgrades(OPEN_STATES)}
+        latest = {upgrade.device_name: upgrade for upgrade in await rollouts.open_upgrades(OPEN_STATES)}
         for upgrade in latest.values():
             await self._publisher.keep_command(upgrade.device_name,
                                                ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
-            await repo.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
+            await rollouts.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         return len(latest)
 
     # --- moving on ---
@@ -104,7 +104,7 @@ class UpgradeService:
         """Move ``upgrade`` to ``to_state`` (if nothing moved it meanwhile). An upgrade that ends
         takes its command with it: never delivered again, retained or queued."""
         finished = to_state in TERMINAL_STATES
-        moved = await repo.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(), source, detail,
+        moved = await rollouts.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(), source, detail,
                                            progress=progress, message=message, finished=finished)
         if moved and finished and to_state != UpgradeState.SUPERSEDED:
             await self._publisher.clear_command(upgrade.device_name)
@@ -130,7 +130,7 @@ class UpgradeService:
     async def expire_due(self) -> int:
         """Time out every open upgrade past its deadline; the timeout sweeper calls this."""
         expired = 0
-        for upgrade in await repo.due_upgrades(self.clock(), OPEN_STATES):
+        for upgrade in await rollouts.due_upgrades(self.clock(), OPEN_STATES):
             if await self.transition(upgrade, UpgradeState.TIMED_OUT, "timeout", "not finished in time"):
                 expired += 1
         return expired
@@ -140,13 +140,13 @@ class UpgradeService:
     async def get(self, version: object) -> UpgradeRecord:
         if not isinstance(version, str) or not _UPGRADE_ID.fullmatch(version):
             raise NotFound(f"参数无效: no upgrade {str(version)[:64]!r}")
-        upgrade = await repo.find_upgrade(version)
+        upgrade = await rollouts.find_upgrade(version)
         if upgrade is None:
             raise NotFound(f"参数无效: no upgrade {version}")
         return upgrade
 
     async def timeline(self, version: str) -> list[UpgradeEventRecord]:
-        return await repo.upgrade_events(version)
+        return await rollouts.upgrade_events(version)
 
     async def list(self, *, device_name: object = None, state: object = None, campaign: object = None,
                    page: object = None, page_size: object = None) -> UpgradePage:
@@ -156,12 +156,12 @@ class UpgradeService:
         page_number = 1 if page in (None, "") else min(max(parse_int(page, "page"), 1), 1_000_000)
         size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
         campaign_id = None if campaign in (None, "") else parse_int(campaign, "campaign")
-        items, total = await repo.list_upgrades(device_name=device, state=state or None, campaign_id=campaign_id,
+        items, total = await rollouts.list_upgrades(device_name=device, state=state or None, campaign_id=campaign_id,
                                                 offset=(page_number - 1) * size, limit=size)
         return UpgradePage(items=items, total=total, page=page_number, page_size=size)
 
     async def counts_by_state(self, campaign_id: int | None = None) -> dict[str, int]:
-        return await repo.count_upgrades_by_state(campaign_id)
+        return await rollouts.count_upgrades_by_state(campaign_id)
 
     async def open_upgrade_of(self, device_name: str) -> UpgradeRecord | None:
-        return await repo.open_upgrade_of(device_name, OPEN_STATES)
+        return await rollouts.open_upgrade_of(device_name, OPEN_STATES)
