@@ -49,7 +49,12 @@ def load_client_settings(config_file: Path | None, server: str | None, token: st
     """Server and token for the client subcommands: flag > OTAD_SERVER/OTAD_TOKEN > config > default."""
     try:
         document = read_toml(config_file) if config_file else {}
-        settings = load_settings(document, dict(os.environ), {"client.server": server, "client.token": token})
+        # Only the [client] keys: a daemon setting that is wrong on this machine is no reason for
+        # the client to refuse to run.
+        client_env = {key.env: os.environ[key.env] for key in KEYS if key.path in _CLIENT_KEYS
+                      and key.env in os.environ}
+        client_document = {"client": document["client"]} if isinstance(document.get("client"), dict) else {}
+        settings = load_settings(client_document, client_env, {"client.server": server, "client.token": token})
     except ConfigError as exc:
         _fail(str(exc), 2)
         raise

@@ -30,15 +30,18 @@ class ApiClient:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def call(self, method: str, path: str, **kwargs) -> Any:
+        # No total limit (a large upload on a slow link takes as long as it takes), but a server
+        # that stops answering is given up on.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
         try:
-            async with aiohttp.ClientSession(headers=self.headers) as session:
+            async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as session:
                 async with session.request(method, self.server + path, **kwargs) as response:
                     try:
                         body = await response.json(content_type=None)
                     except (ValueError, aiohttp.ContentTypeError):
                         raise ApiError(f"HTTP {response.status} from {self.server}: not an otad reply") from None
-        except aiohttp.ClientError as exc:
-            raise ApiError(f"cannot reach {self.server}: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ApiError(f"cannot reach {self.server}: {exc or type(exc).__name__}") from None
         if not isinstance(body, dict) or not body.get("success"):
             message = body.get("errorMsg") if isinstance(body, dict) else None
             code = body.get("errorCode") if isinstance(body, dict) else None
@@ -165,8 +168,8 @@ def register(main: click.Group) -> None:
     def package_delete(ctx, package_id, config_file, server, token, as_json):
         """Delete a package and its file."""
         _prepare(ctx, server, token, as_json, config_file)
-        _run(ctx, _client(ctx).call("DELETE", "/api/v2/otaDelete", params={"id": str(package_id)}))
-        click.echo(f"deleted package {package_id}")
+        data = _run(ctx, _client(ctx).call("DELETE", "/api/v2/otaDelete", params={"id": str(package_id)}))
+        _emit(ctx, data) if as_json else click.echo(f"deleted package {package_id}")
 
     @main.command("enable")
     @click.argument("name")

@@ -125,7 +125,10 @@ class _Intake:
         self._absorbing = asyncio.gather(asyncio.to_thread(self.md5.update, chunk),
                                          asyncio.to_thread(self.sha256.update, chunk), self.out.write(chunk))
         self._unsynced += len(chunk)
-        if self._unsynced >= self.SYNC_EVERY and (self._syncing is None or self._syncing.done()):
+        if self._syncing is not None and self._syncing.done():
+            syncing, self._syncing = self._syncing, None
+            syncing.result()  # a writeback error is reported once: it must fail this upload
+        if self._unsynced >= self.SYNC_EVERY and self._syncing is None:
             await self._absorbing  # what is synced must have been written
             self._absorbing = None
             await self.out.flush()

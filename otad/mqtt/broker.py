@@ -142,7 +142,10 @@ class OtaBroker(Broker):
                 await previous[1].stop()
         await handler.mqtt_connack_authorize(True)
         client_session.transitions.connect()
-        client_session.otad_sent = {}
+        # What this connection will get anyway, re-sent from the in-flight store: a re-SUBSCRIBE
+        # must not add the retained copy of the same command.
+        client_session.otad_sent = {m.topic: m.data for m in client_session.inflight_out.values()
+                                    if m.topic in self._retained_messages}
         if client_session.otad_verdict == Verdict.DEVICE:
             self._events.presence(client_session.username, True)
         await handler.start()  # re-sends unacknowledged QoS 1/2 messages with DUP [MQTT-4.4.0-1]
@@ -377,10 +380,11 @@ class OtaBroker(Broker):
         ``payload=None`` clears the command."""
         for session, _ in self._subscribers_of(topic).values():
             _drop_queued(session, topic)
-            if session.transitions.state != "connected":
-                # Sent but never acknowledged: amqtt would re-send it (DUP) on reconnect.
-                for packet_id in [pid for pid, m in session.inflight_out.items() if m.topic == topic]:
-                    del session.inflight_out[packet_id]
+            # Sent but not acknowledged yet: amqtt would re-send it (DUP) when the session comes
+            # back, even when connected now (a flaky link drops before the PUBACK). A delivery still
+            # waiting for that PUBACK finishes normally without the entry.
+            for packet_id in [pid for pid, m in session.inflight_out.items() if m.topic == topic]:
+                del session.inflight_out[packet_id]
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
             self._deliver(None, topic, payload, QOS_1)

@@ -57,8 +57,11 @@ class OtaProtocolHandler(BrokerProtocolHandler):
         self._reader_task = asyncio.create_task(self._reader_loop())
         await self._reader_ready.wait()
         # [MQTT-4.4.0-1] re-send what is unacknowledged, without holding up the session for the
-        # acknowledgements (amqtt waited up to 10 s per message before serving the client).
-        self._redelivery = asyncio.create_task(self._retry_deliveries())
+        # acknowledgements (amqtt waited up to 10 s per message before serving the client). Tasks
+        # start in creation order and writes take a FIFO lock, so these go out before the messages
+        # queued while offline, which the broker sends next [MQTT-4.6.0-6].
+        self._redeliveries = {asyncio.create_task(self._handle_message_flow(message))
+                              for message in list(self.session.inflight_out.values())}
         if self._disconnect_waiter is None or self._disconnect_waiter.done():
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
 
@@ -70,7 +73,7 @@ class OtaProtocolHandler(BrokerProtocolHandler):
         self._last_received = 0.0
         self._keepalive_expired = False
         self._watchdog: asyncio.TimerHandle | None = None
-        self._redelivery: asyncio.Task | None = None
+        self._redeliveries: set[asyncio.Task] = set()
 
     async def _reader_loop(self) -> None:
         assert self.session is not None and self._reader_ready is not None and self.reader is not None
@@ -115,8 +118,8 @@ class OtaProtocolHandler(BrokerProtocolHandler):
             log.warning("client %s sent a malformed packet (%s): closing", client_id, exc)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._redelivery is not None:
-            self._redelivery.cancel()
+        for redelivery in self._redeliveries:
+            redelivery.cancel()
         for task in running:
             task.cancel()
         await self.handle_connection_closed()

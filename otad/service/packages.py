@@ -25,6 +25,7 @@ class PackageCatalog:
         # file name -> package, for the download path every device takes (packages never change;
         # a deleted one is dropped here before its file is removed).
         self._by_file: dict[str, PackageRecord] = {}
+        self._deletions = 0  # a lookup that raced a deletion must not cache the deleted package
 
     @property
     def max_upload_size(self) -> int:
@@ -68,8 +69,9 @@ class PackageCatalog:
     async def find_by_file(self, file_name: str) -> PackageRecord | None:
         package = self._by_file.get(file_name)
         if package is None:
+            deletions = self._deletions
             package = await repo.find_package_by_file(file_name)
-            if package is not None:
+            if package is not None and deletions == self._deletions:
                 self._by_file[file_name] = package
         return package
 
@@ -91,6 +93,7 @@ class PackageCatalog:
             await repo.delete_package(package.id)
         except repo.StillUsed:
             raise in_use from None
+        self._deletions += 1
         self._by_file.pop(package.file_name, None)
         await self._firmware.discard(package.file_name)
         log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, len(devices))

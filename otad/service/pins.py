@@ -15,7 +15,15 @@ class PassivePins:
         # Device name -> its pin, for the poll devices repeat all day. Filled on a poll, dropped on
         # every change that could alter an answer: a pin saved or deleted, or the device deleted.
         self._poll_cache: dict[str, PassivePinRecord] = {}
-        devices.on_delete(self._poll_cache.pop)
+        self._changes = 0  # a poll that read the database across a change must not cache what it read
+        devices.on_delete(self._forget)
+
+    def _forget(self, device_name: str | None = None, _=None) -> None:
+        self._changes += 1
+        if device_name is None:
+            self._poll_cache.clear()
+        else:
+            self._poll_cache.pop(device_name, None)
 
     async def pin(self, body: object) -> PassivePinRecord:
         """``{"deviceName","name","description","versionName"}``: pin (or re-pin) the device's package."""
@@ -29,18 +37,20 @@ class PassivePins:
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
         saved = await repo.save_passive_pin(device.id, package.id, version_name, description)
-        self._poll_cache.pop(device.name, None)
+        self._forget(device.name)
         return saved
 
     async def for_device(self, device_name: object) -> PassivePinRecord:
         """What a polling device is told; NotFound (1001) for an unknown device or one with no pin."""
         if isinstance(device_name, str) and (cached := self._poll_cache.get(device_name)) is not None:
             return cached
+        changes = self._changes
         device = await self._devices.get(device_name)
         pin = await repo.find_passive_pin(device.name)
         if pin is None:
             raise NotFound(f"参数无效: no passive upgrade is set for device '{device.name}'")
-        self._poll_cache[device.name] = pin
+        if changes == self._changes:
+            self._poll_cache[device.name] = pin
         return pin
 
     async def list(self) -> list[PassivePinRecord]:
@@ -50,4 +60,4 @@ class PassivePins:
         pin_id = parse_int(raw_id, "id")
         if not await repo.delete_passive_pin(pin_id):
             raise NotFound(f"参数无效: no passive pin with id {pin_id}")
-        self._poll_cache.clear()  # pins are few and rarely deleted; no need to find the device
+        self._forget()  # pins are few and rarely deleted; no need to find the device
