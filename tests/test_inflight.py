@@ -73,7 +73,7 @@ async def test_order_of_redelivery_vs_queued(otad):
     other = RawClient(otad.mqtt_port)
     assert (await other.connect("dev1-o", "dev1", password))[1] == 0
     await other.publish("/oc/devices/dev1/sys/ota/report", b'{"version":"first"}', qos=1)
-    m1 = await holder.message()   # received, never acked
+    first = await holder.message()  # received, never acknowledged
     await holder.close()
     await asyncio.sleep(0.3)
     await other.publish("/oc/devices/dev1/sys/ota/report", b'{"version":"second"}', qos=1)
@@ -88,3 +88,4 @@ async def test_order_of_redelivery_vs_queued(otad):
         pass
     await again.close(); await other.close()
     assert got and got[0].dup, "queued (newer) message overtook the DUP re-send of the older one"
+    assert got[0].payload == first.payload and len(got) == 2 and not got[1].dup
