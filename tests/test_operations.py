@@ -72,3 +72,15 @@ async def test_systemd_watchdog_is_pinged_while_healthy(tmp_path):
         process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(process.wait, 30)
         receiver.close()
+
+
+async def test_download_latency_is_recorded_with_its_real_status(otad):
+    _, body = await otad.upload("fw", 1, b"z" * 5000)
+    async with otad.session.get(f"{otad.url}/api/v2/micro/{body['data']['fileName']}",
+                                headers={"Range": "bytes=0-99"}) as response:
+        assert response.status == 206
+        await response.read()
+    async with otad.session.get(f"{otad.url}/metrics", headers=otad.auth) as response:
+        text = await response.text()
+    assert 'otad_http_request_duration_seconds_count{method="GET",route="/api/v2/micro/{fileName}",status="206"} 1.0' \
+        in text

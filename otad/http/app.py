@@ -25,6 +25,7 @@ def create_app(services: Services, settings: Settings, observer: RequestObserver
     # Uploads are streamed and limited by the service; client_max_size bounds the JSON bodies only.
     app = web.Application(middlewares=[observer.middleware, envelope_middleware],
                           client_max_size=16 * 1024 * 1024)
+    app.on_response_prepare.append(observer.on_response_prepare)
     app[SERVICES] = services
     app[SETTINGS] = settings
     app[METRICS] = metrics

@@ -21,6 +21,8 @@ from aiohttp import web
 
 from otad.metrics import Metrics
 
+_STARTED = web.RequestKey("otad_started", float)
+
 
 class RequestObserver:
     def __init__(self, metrics: Metrics) -> None:
@@ -34,24 +36,28 @@ class RequestObserver:
         self._count += 1
         self._idle.clear()
         request_id = request.headers.get("X-Request-Id") or os.urandom(8).hex()
-        started = time.perf_counter()
-        status = 500
+        request[_STARTED] = time.perf_counter()
         try:
             response = await handler(request)
-            status = response.status
             response.headers["X-Request-Id"] = request_id
             return response
         except web.HTTPException as exc:
-            status = exc.status
             exc.headers["X-Request-Id"] = request_id
             raise
         finally:
-            resource = request.match_info.route.resource
-            self._latency.labels(resource.canonical if resource is not None else "unmatched", request.method,
-                                 str(status)).observe(time.perf_counter() - started)
             self._count -= 1
             if self._count == 0:
                 self._idle.set()
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Latency and status are taken when the response starts: a file download decides on 206 or
+        416 only then, after the middleware has returned."""
+        started = request.get(_STARTED)
+        if started is None:
+            return
+        resource = request.match_info.route.resource
+        self._latency.labels(resource.canonical if resource is not None else "unmatched", request.method,
+                             str(response.status)).observe(time.perf_counter() - started)
 
     async def wait_idle(self, timeout: float) -> bool:
         """True when every request finished within ``timeout`` seconds."""
