@@ -25,17 +25,13 @@ from otad.mqtt.access import AccessPolicy, Verdict
 from otad.mqtt.events import DeviceEvents
 from otad.mqtt.handler import OtaProtocolHandler
 from otad.mqtt.session import use_light_sessions
-from otad.mqtt.topic_index import TopicTrie
+from otad.mqtt.index import SubscriptionIndex
 from otad.mqtt.topics import reporting_device
 
 log = logging.getLogger(__name__)
 
 
-def _is_wildcard(topic_filter: str) -> bool:
-    return "+" in topic_filter or "#" in topic_filter
-
-
-class OtaBroker(Broker):
+class OtaBroker(SubscriptionIndex, Broker):
     def __init__(self, config: dict[str, Any], policy: AccessPolicy, max_packet_size: int,
                  events: DeviceEvents, metrics: Metrics) -> None:
         use_light_sessions()
@@ -46,8 +42,7 @@ class OtaBroker(Broker):
         self._metrics = metrics
         metrics.connected_devices.set_function(self.connected_count)
         self._deliveries: set[asyncio.Future] = set()
-        self._wildcard_filters = TopicTrie()  # exact filters are keys of self._subscriptions already
-        self._retained_topics = TopicTrie()
+        self._init_index()
 
     # --- connecting: authentication before any session state is touched ---
 
@@ -206,20 +201,6 @@ class OtaBroker(Broker):
             await self.retain_message(client_session, topic, message.data, message.qos)
         return True
 
-    def _subscribers_of(self, topic: str) -> dict[str, tuple[Session, int]]:
-        """Each session subscribed to ``topic`` once, with the highest QoS of its matching filters
-        (3.3.5). Costs the matching filters, not all of them."""
-        found: dict[str, tuple[Session, int]] = {}
-        filters = list(self._wildcard_filters.filters_matching(topic))
-        if topic in self._subscriptions:
-            filters.append(topic)
-        for topic_filter in filters:
-            for session, qos in self._subscriptions.get(topic_filter, ()):
-                known = found.get(session.client_id)
-                if known is None or known[1] < qos:
-                    found[session.client_id] = (session, qos)
-        return found
-
     def _deliver(self, source: Session | None, topic: str, data: bytes, publish_qos: int | None) -> None:
         """Send one published message to its subscribers, or queue it for their offline sessions.
 
@@ -307,70 +288,6 @@ class OtaBroker(Broker):
             for waiter in waiters:
                 waiter.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
-
-    # --- the subscription index ---
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """amqtt's checks and ACL, then the index; a repeated filter replaces the old QoS.
-
-        Defect: amqtt keeps the first QoS when a client subscribes to the same filter again;
-        [MQTT-3.8.4-3] replaces the subscription.
-        """
-        topic_filter, qos = subscription
-        granted = await super().add_subscription(subscription, session)
-        if granted == 0x80:
-            return granted
-        entries = self._subscriptions[topic_filter]
-        for index, (subscriber, _) in enumerate(entries):
-            if subscriber.client_id == session.client_id:
-                entries[index] = (session, granted)
-        if _is_wildcard(topic_filter):
-            self._wildcard_filters.add(topic_filter)
-        if session.otad_filters is None:
-            session.otad_filters = set()
-        session.otad_filters.add(topic_filter)
-        return granted
-
-    def _del_subscription(self, a_filter: str, session: Session) -> int:
-        deleted = super()._del_subscription(a_filter, session)
-        if a_filter in self._subscriptions and not self._subscriptions[a_filter]:
-            del self._subscriptions[a_filter]
-            self._wildcard_filters.discard(a_filter)
-        if session.otad_filters:
-            session.otad_filters.discard(a_filter)
-        return deleted
-
-    async def _del_all_subscriptions(self, session: Session) -> None:
-        """Defect: amqtt walks every filter of every session for each departing clean session."""
-        for topic_filter in list(session.otad_filters or ()):
-            self._del_subscription(topic_filter, session)
-
-    # --- retained messages ---
-
-    async def retain_message(self, source_session, topic_name, data, qos=None) -> None:
-        await super().retain_message(source_session, topic_name, data, qos)
-        if topic_name is not None:
-            if topic_name in self._retained_messages:
-                self._retained_topics.add(topic_name)
-            else:
-                self._retained_topics.discard(topic_name)
-
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
-        """Only the retained messages this filter matches, found through the index (amqtt scanned
-        them all on every SUBSCRIBE)."""
-        topic_filter, qos = subscription
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        topics = self._retained_topics.topics_matched_by(topic_filter) if _is_wildcard(topic_filter) else (
-            [topic_filter] if topic_filter in self._retained_messages else [])
-        for topic in list(topics):
-            retained = self._retained_messages[topic]
-            if session.otad_sent.get(topic) == retained.data:
-                continue  # this connection already got it (queued while offline, or live)
-            if self._policy.may_use(session.otad_verdict, session.username, topic):
-                self._send(session, handler, topic, retained.data,
-                           min(qos, QOS_2 if retained.qos is None else retained.qos), retain=True)
 
     # --- the service's commands ---
 

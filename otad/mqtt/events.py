@@ -27,12 +27,16 @@ class DeviceEvents:
         # Bounded: a flood of reports is dropped (and logged) rather than held in memory.
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_MAX_PENDING)
         self._consumer: asyncio.Task | None = None
+        self._dropped = 0
 
     def inbound(self, device_name: str, payload: bytes) -> None:
         try:
             self._queue.put_nowait((device_name, payload))
         except asyncio.QueueFull:
-            log.warning("dropping an OTA report from %s: %d reports are waiting", device_name, _MAX_PENDING)
+            self._dropped += 1
+            if self._dropped % 1000 == 1:  # a flood must not become a flood of log lines too
+                log.warning("dropping OTA reports (%d so far, latest from %s): %d reports are waiting",
+                            self._dropped, device_name, _MAX_PENDING)
 
     def presence(self, device_name: str, online: bool) -> None:
         try:
