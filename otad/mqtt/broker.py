@@ -201,15 +201,19 @@ class OtaBroker(SubscriptionIndex, Broker):
             await self.retain_message(client_session, topic, message.data, message.qos)
         return True
 
-    def _deliver(self, source: Session | None, topic: str, data: bytes, publish_qos: int | None) -> None:
-        """Send one published message to its subscribers, or queue it for their offline sessions.
+    def _deliver(self, source: Session | None, topic: str, data: bytes, publish_qos: int | None,
+                 subscribers: dict[str, tuple[Session, int]] | None = None) -> None:
+        """Send one published message to its subscribers (found here unless the caller already
+        has them), or queue it for their offline sessions.
 
         Defects: amqtt scans every subscription filter per message (a fan-out to N devices costs
         N²), overrides the subscriber's QoS with the publisher's, delivers one copy per overlapping
         filter, and queues nothing for anonymous persistent sessions.
         """
         publish_qos = QOS_2 if publish_qos is None else publish_qos
-        for session, granted_qos in self._subscribers_of(topic).values():
+        if subscribers is None:
+            subscribers = self._subscribers_of(topic)
+        for session, granted_qos in subscribers.values():
             qos = min(publish_qos, granted_qos)
             if not self._policy.may_use(session.otad_verdict, session.username, topic):
                 continue
@@ -295,7 +299,8 @@ class OtaBroker(SubscriptionIndex, Broker):
         """Make ``payload`` the one command on ``topic``: drop older copies queued for offline
         sessions, retain it for the next subscriber, and (``send``) deliver it to live subscribers.
         ``payload=None`` clears the command."""
-        for session, _ in self._subscribers_of(topic).values():
+        subscribers = self._subscribers_of(topic)
+        for session, _ in subscribers.values():
             _drop_queued(session, topic)
             # Sent but not acknowledged yet: amqtt would re-send it (DUP) when the session comes
             # back, even when connected now (a flaky link drops before the PUBACK). A delivery still
@@ -304,7 +309,7 @@ class OtaBroker(SubscriptionIndex, Broker):
                 del session.inflight_out[packet_id]
         await self.retain_message(None, topic, payload or None, QOS_1)
         if payload and send:
-            self._deliver(None, topic, payload, QOS_1)
+            self._deliver(None, topic, payload, QOS_1, subscribers)
 
     def connected_count(self) -> int:
         return sum(1 for session, _ in self._sessions.values() if session.transitions.state == "connected")
