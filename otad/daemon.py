@@ -26,7 +26,7 @@ from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
-from otad.service.upgrades import utc_now
+from otad.service.clock import utc_now
 from otad.service.health import database_alive
 from otad.store.database import Database
 

@@ -14,7 +14,8 @@ from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
 from otad.service.ports import Publisher
-from otad.service.upgrades import UpgradeService, utc_now
+from otad.service.clock import utc_now
+from otad.service.upgrades import UpgradeService
 from otad.service.xiaozhi import XiaozhiBoards
 # The records the use cases return, for the adapters to render; they come from the store as plain data.
 from otad.store.records import (CampaignRecord, DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,

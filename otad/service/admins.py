@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NoSuchAccount, NotFound, NotLoggedIn, WrongPassword
 from otad.service import credentials
+from otad.service.clock import utc_now
 from otad.service.validation import is_clean_text
 from otad.store import repo
 from otad.store.records import TokenRecord
@@ -25,7 +26,7 @@ def _check_name(name: str, what: str) -> str:
 
 
 class AdminAuth:
-    def __init__(self, now=lambda: datetime.now(timezone.utc)) -> None:
+    def __init__(self, now=utc_now) -> None:
         self._now = now
 
     async def create_token(self, name: str) -> str:

@@ -15,23 +15,15 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from otad.errors import Conflict, InvalidInput, NotFound
-from otad.service.states import OPEN_STATES, UpgradeState
+from otad.service.states import OPEN_STATES, CampaignState, UpgradeState
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import check_package_name, parse_int
 from otad.store import repo, rollouts
 from otad.store.records import CampaignRecord
 
 log = logging.getLogger(__name__)
-
-
-class CampaignState(StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    CANCELLED = "cancelled"
-    FINISHED = "finished"
 
 
 FAILED = (UpgradeState.FAILED, UpgradeState.TIMED_OUT)
@@ -136,8 +128,9 @@ class Campaigns:
             campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED),
                                         CampaignState.CANCELLED, "cancelled by an admin")
             # One statement for all, whatever state each upgrade has reached by now.
-            for device_name in await rollouts.end_open_upgrades_of_campaign(
-                    campaign.id, OPEN_STATES, UpgradeState.CANCELLED, self._upgrades.clock(), "campaign cancelled"):
+            for device_name in await rollouts.end_open_upgrades(
+                    open_states=OPEN_STATES, state=UpgradeState.CANCELLED, at=self._upgrades.clock(),
+                    detail="campaign cancelled", campaign_id=campaign.id):
                 await self._upgrades.withdraw(device_name)
             return campaign
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NotFound
 from otad.service import credentials
+from otad.service.clock import utc_now
 from otad.service.ports import Publisher
 from otad.store import repo
 from otad.service.validation import DEVICE_NAME, check_device_name, parse_int
@@ -32,13 +33,13 @@ class DeviceRegistry:
         # goes through this registry, which forgets the entry.
         self._login_cache: dict[str, str] = {}
         self._deletions = 0  # a lookup that raced a deletion must not re-cache the deleted device
-        self._delete_listeners: list[Callable[[str, None], object]] = []
+        self._delete_listeners: list[Callable[[str], object]] = []
         # Connects and disconnects, kept in memory and written in batches: a fleet reconnecting at
         # once must not become thousands of single-row writes.
         self._presence: dict[str, tuple[bool, datetime]] = {}
 
     def note_presence(self, name: str, online: bool) -> None:
-        self._presence[name] = (online, datetime.now(timezone.utc))
+        self._presence[name] = (online, utc_now())
 
     async def reset_presence(self) -> None:
         """At start: whatever was online when the last process ended (even by kill -9) is not now."""
@@ -55,8 +56,8 @@ class DeviceRegistry:
                 raise
         return len(pending)
 
-    def on_delete(self, listener: Callable[[str, None], object]) -> None:
-        """Call ``listener(name, None)`` after a device is deleted (other use cases' caches)."""
+    def on_delete(self, listener: Callable[[str], object]) -> None:
+        """Call ``listener(name)`` after a device is deleted (other use cases' caches)."""
         self._delete_listeners.append(listener)
 
     async def warm_login_cache(self) -> int:
@@ -106,7 +107,7 @@ class DeviceRegistry:
         self._deletions += 1
         self._login_cache.pop(name, None)
         for listener in self._delete_listeners:
-            listener(name, None)
+            listener(name)
         if not deleted:
             raise NotFound(f"参数无效: no device named '{name}'")
         await self._publisher.forget_device(name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 
 from otad.errors import Conflict, NotFound, StillReferenced
+from otad.service.clock import utc_now
 from otad.firmware import FirmwareStore
 from otad.service.ports import Publisher
 from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
@@ -85,8 +85,8 @@ class PackageCatalog:
         if users:
             raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
         in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
-        devices = await rollouts.close_upgrades_of_package(package.id, OPEN_STATES, UpgradeState.CANCELLED,
-                                                       datetime.now(timezone.utc))
+        devices = await rollouts.end_open_upgrades(open_states=OPEN_STATES, state=UpgradeState.CANCELLED,
+                                                   at=utc_now(), detail="package deleted", package_id=package.id)
         for device_name in devices:
             await self._publisher.clear_command(device_name)
         try:

@@ -18,7 +18,7 @@ class PassivePins:
         self._changes = 0  # a poll that read the database across a change must not cache what it read
         devices.on_delete(self._forget)
 
-    def _forget(self, device_name: str | None = None, _=None) -> None:
+    def _forget(self, device_name: str | None = None) -> None:
         self._changes += 1
         if device_name is None:
             self._poll_cache.clear()

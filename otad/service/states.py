@@ -1,4 +1,4 @@
-"""The states of an upgrade and the one rule for moving between them."""
+"""The states of an upgrade (and the one rule for moving between them) and of a campaign."""
 
 from __future__ import annotations
 
@@ -43,5 +43,13 @@ def next_state(current: UpgradeState, reported: UpgradeState) -> UpgradeState | 
         return reported
     return reported if _PROGRESS_ORDER[reported] > _PROGRESS_ORDER[current] else None
 
-# Campaigns that may still send their package ("running", "paused"; see otad.service.campaigns).
-LIVE_CAMPAIGN_STATES = ("running", "paused")
+
+class CampaignState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+
+
+# Campaigns that may still send their package.
+LIVE_CAMPAIGN_STATES = (CampaignState.RUNNING, CampaignState.PAUSED)

@@ -8,9 +8,10 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from otad.errors import Conflict, InvalidInput, NotFound
+from otad.service.clock import utc_now
 from otad.service.devices import DeviceRegistry
 from otad.service.ports import Publisher
 from otad.service.states import OPEN_STATES, TERMINAL_STATES, UpgradeState
@@ -28,10 +29,6 @@ _UPGRADE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 def ota_command(file_name: str, version: str, md5: str) -> bytes:
     """The command devices already parse: compact JSON, keys in exactly this order."""
     return json.dumps({"fileName": file_name, "version": version, "md5": md5}, separators=(",", ":")).encode()
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from otad.errors import InvalidInput, MissingInput, NotFound
 from otad.service import credentials
+from otad.service.clock import utc_now
 from otad.service.validation import check_device_name, parse_int, safe_text
 from otad.service.versions import is_newer, parse_dotted
 from otad.store import repo
@@ -55,7 +56,7 @@ def _inventory(check: BoardCheck, now: datetime) -> Inventory:
 
 class XiaozhiBoards:
     def __init__(self, default_product_id: int | None,
-                 now=lambda: datetime.now(timezone.utc)) -> None:
+                 now=utc_now) -> None:
         self._default_product_id = default_product_id
         self._now = now
 

@@ -110,14 +110,18 @@ async def open_upgrades(open_states: Iterable[str]) -> list[UpgradeRecord]:
     return [_upgrade(row, row.device.name) for row in rows]
 
 
-async def close_upgrades_of_package(package_id: int, open_states: Iterable[str], state: str,
-                                    at: datetime) -> list[str]:
-    """Set the open upgrades of a package to ``state``; return the affected device names."""
+async def end_open_upgrades(*, open_states: Iterable[str], state: str, at: datetime, detail: str,
+                            package_id: int | None = None, campaign_id: int | None = None) -> list[str]:
+    """Move every open upgrade of a package or of a campaign to ``state`` in one transaction,
+    whatever open state each has reached by now, with its timeline entry; return the devices whose
+    command must be withdrawn."""
+    scope = {"package_id": package_id} if package_id is not None else {"campaign_id": campaign_id}
     async with in_transaction():
-        rows = await Upgrade.filter(package_id=package_id, state__in=list(open_states)).prefetch_related("device")
-        await Upgrade.filter(id__in=[row.id for row in rows]).update(state=state, finished_at=at)
+        rows = await Upgrade.filter(**scope, state__in=list(open_states)).prefetch_related("device")
+        await Upgrade.filter(id__in=[row.id for row in rows], state__in=list(open_states)).update(
+            state=state, finished_at=at)
         await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=state, source="admin",
-                                                     detail="package deleted") for row in rows])
+                                                     detail=detail) for row in rows])
     return [row.device.name for row in rows]
 
 
@@ -150,19 +154,6 @@ async def list_campaigns(states: Iterable[str] | None = None) -> list[CampaignRe
 async def update_campaign(campaign_id: int, from_states: Iterable[str], **changes) -> bool:
     """Change a campaign only if it is still in one of ``from_states``."""
     return await Campaign.filter(id=campaign_id, state__in=list(from_states)).update(**changes) > 0
-
-
-async def end_open_upgrades_of_campaign(campaign_id: int, open_states: Iterable[str], state: str, at: datetime,
-                                        detail: str) -> list[str]:
-    """Move every open upgrade of a campaign to ``state`` in one statement, whatever open state
-    each has reached by now; return the devices whose command must be withdrawn."""
-    async with in_transaction():
-        rows = await Upgrade.filter(campaign_id=campaign_id, state__in=list(open_states)).prefetch_related("device")
-        await Upgrade.filter(id__in=[row.id for row in rows], state__in=list(open_states)).update(
-            state=state, finished_at=at)
-        await UpgradeEvent.bulk_create([UpgradeEvent(upgrade_id=row.id, at=at, state=state, source="admin",
-                                                     detail=detail) for row in rows])
-    return [row.device.name for row in rows]
 
 
 async def campaign_upgrades(campaign_id: int) -> list[UpgradeRecord]:
