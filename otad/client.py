@@ -8,6 +8,7 @@ envelope's message and exits 1.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -90,26 +91,28 @@ _CAMPAIGN_COLUMNS = [("id", "ID"), ("name", "PACKAGE"), ("productId", "PRODUCT")
                      ("currentStage", "STAGE"), ("stages", "STAGES"), ("reason", "REASON")]
 
 
-def client_options(command):
-    command = click.option("--json", "as_json", is_flag=True, help="print the reply's data as JSON")(command)
-    command = click.option("--token", help="admin API token [OTAD_TOKEN, config client.token]")(command)
-    command = click.option("--server", help="daemon URL [OTAD_SERVER, config client.server]")(command)
-    return click.pass_context(command)
+def client_command(command):
+    """The options every client command takes (--config, --server, --token, --json), consumed here:
+    the command gets the click context, with ``ctx.obj["json"]`` and the settings to call with."""
+    @functools.wraps(command)
+    def run(ctx: click.Context, *args, config_file, server, token, as_json, **kwargs):
+        from otad.cli import load_client_settings
 
+        ctx.ensure_object(dict)
+        ctx.obj["json"] = as_json
+        ctx.obj["settings"] = lambda: load_client_settings(config_file, server, token)
+        return command(ctx, *args, **kwargs)
 
-def _prepare(ctx: click.Context, server: str | None, token: str | None, as_json: bool, config_file) -> None:
-    from otad.cli import load_client_settings
-
-    ctx.ensure_object(dict)
-    ctx.obj["json"] = as_json
-    ctx.obj["settings"] = lambda: load_client_settings(config_file, server, token)
+    run = click.option("--json", "as_json", is_flag=True, help="print the reply's data as JSON")(run)
+    run = click.option("--token", help="admin API token [OTAD_TOKEN, config client.token]")(run)
+    run = click.option("--server", help="daemon URL [OTAD_SERVER, config client.server]")(run)
+    run = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                       envvar="OTAD_CONFIG", help="TOML config file [OTAD_CONFIG]")(run)
+    return click.pass_context(run)
 
 
 def register(main: click.Group) -> None:
     """Add the client commands to the ``otad`` group."""
-
-    config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                                 envvar="OTAD_CONFIG", help="TOML config file [OTAD_CONFIG]")
 
     @main.group()
     def package() -> None:
@@ -121,12 +124,9 @@ def register(main: click.Group) -> None:
     @click.option("--product-id", required=True, type=int)
     @click.option("--version", "firmware_version", help="firmware version to record")
     @click.option("--description")
-    @config_option
-    @client_options
-    def package_upload(ctx, file: Path, name, product_id, firmware_version, description, config_file, server, token,
-                       as_json):
+    @client_command
+    def package_upload(ctx, file: Path, name, product_id, firmware_version, description):
         """Upload FILE with a progress bar; prints md5 and sha256 at the end."""
-        _prepare(ctx, server, token, as_json, config_file)
         size = file.stat().st_size
 
         async def upload():
@@ -146,7 +146,7 @@ def register(main: click.Group) -> None:
                 return await _client(ctx).call("POST", "/api/v2/otaUpload", params=params, data=form)
 
         data = _run(ctx, upload())
-        if as_json:
+        if ctx.obj["json"]:
             _emit(ctx, data)
         else:
             click.echo(f"uploaded package {data['id']} '{data['name']}' as {data['fileName']} ({data['size']} bytes)")
@@ -154,35 +154,29 @@ def register(main: click.Group) -> None:
             click.echo(f"sha256 {data['sha256']}")
 
     @package.command("list")
-    @config_option
-    @client_options
-    def package_list(ctx, config_file, server, token, as_json):
+    @client_command
+    def package_list(ctx):
         """List packages."""
-        _prepare(ctx, server, token, as_json, config_file)
         _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/otaList")), _PACKAGE_COLUMNS)
 
     @package.command("delete")
     @click.argument("package_id", type=int)
-    @config_option
-    @client_options
-    def package_delete(ctx, package_id, config_file, server, token, as_json):
+    @client_command
+    def package_delete(ctx, package_id):
         """Delete a package and its file."""
-        _prepare(ctx, server, token, as_json, config_file)
         data = _run(ctx, _client(ctx).call("DELETE", "/api/v2/otaDelete", params={"id": str(package_id)}))
-        _emit(ctx, data) if as_json else click.echo(f"deleted package {package_id}")
+        _emit(ctx, data) if ctx.obj["json"] else click.echo(f"deleted package {package_id}")
 
     @main.command("enable")
     @click.argument("name")
     @click.argument("device")
     @click.option("--timeout", type=int, help="seconds the upgrade may take")
-    @config_option
-    @client_options
-    def enable(ctx, name, device, timeout, config_file, server, token, as_json):
+    @client_command
+    def enable(ctx, name, device, timeout):
         """Push package NAME to DEVICE."""
-        _prepare(ctx, server, token, as_json, config_file)
         params = {"name": name, "deviceName": device, **({"timeout": str(timeout)} if timeout else {})}
         data = _run(ctx, _client(ctx).call("POST", "/api/v2/otaEnable", params=params))
-        if as_json:
+        if ctx.obj["json"]:
             _emit(ctx, data)
         else:
             click.echo(f"upgrade {data[0]['version']}: '{name}' sent to {device}")
@@ -192,26 +186,22 @@ def register(main: click.Group) -> None:
     @click.option("--state")
     @click.option("--campaign", type=int)
     @click.option("--page", type=int, default=1)
-    @config_option
-    @client_options
-    def upgrades(ctx, device, state, campaign, page, config_file, server, token, as_json):
+    @client_command
+    def upgrades(ctx, device, state, campaign, page):
         """Upgrade history, newest first."""
-        _prepare(ctx, server, token, as_json, config_file)
         params = {k: str(v) for k, v in (("deviceName", device), ("state", state), ("campaign", campaign),
                                          ("page", page)) if v is not None}
         data = _run(ctx, _client(ctx).call("GET", "/api/v2/upgrades", params=params))
-        if as_json:
+        if ctx.obj["json"]:
             _emit(ctx, data)
         else:
             _emit(ctx, data["items"], _UPGRADE_COLUMNS)
             click.echo(f"page {data['page']}, {len(data['items'])} of {data['total']}")
 
     @main.command("devices")
-    @config_option
-    @client_options
-    def devices(ctx, config_file, server, token, as_json):
+    @client_command
+    def devices(ctx):
         """Devices with their state."""
-        _prepare(ctx, server, token, as_json, config_file)
         _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/devices")), _DEVICE_COLUMNS)
 
     @main.group()
@@ -226,12 +216,10 @@ def register(main: click.Group) -> None:
     @click.option("--failure-threshold", type=float, default=0.05, show_default=True)
     @click.option("--max-concurrent", type=int, default=100, show_default=True)
     @click.option("--notify-rate", type=float, default=10, show_default=True, help="commands per second")
-    @config_option
-    @client_options
+    @client_command
     def campaign_create(ctx, name, product_id, stages, success_threshold, failure_threshold, max_concurrent,
-                        notify_rate, config_file, server, token, as_json):
+                        notify_rate):
         """Roll package NAME out to a product's devices."""
-        _prepare(ctx, server, token, as_json, config_file)
         try:
             stage_list = [int(part) for part in stages.split(",")]
         except ValueError:
@@ -242,11 +230,9 @@ def register(main: click.Group) -> None:
 
     @campaign.command("show")
     @click.argument("campaign_id", type=int, required=False)
-    @config_option
-    @client_options
-    def campaign_show(ctx, campaign_id, config_file, server, token, as_json):
+    @client_command
+    def campaign_show(ctx, campaign_id):
         """One campaign's progress, or all campaigns."""
-        _prepare(ctx, server, token, as_json, config_file)
         if campaign_id is None:
             _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/campaigns")), _CAMPAIGN_COLUMNS)
         else:
@@ -256,12 +242,10 @@ def register(main: click.Group) -> None:
         def make(action: str):
             @campaign.command(action, help=f"{action.capitalize()} a campaign.")
             @click.argument("campaign_id", type=int)
-            @config_option
-            @client_options
-            def control(ctx, campaign_id, config_file, server, token, as_json):
-                _prepare(ctx, server, token, as_json, config_file)
+            @client_command
+            def control(ctx, campaign_id):
                 data = _run(ctx, _client(ctx).call("POST", f"/api/v2/campaigns/{campaign_id}/{action}"))
-                _emit(ctx, data) if as_json else click.echo(f"campaign {campaign_id}: {data['state']}")
+                _emit(ctx, data) if ctx.obj["json"] else click.echo(f"campaign {campaign_id}: {data['state']}")
         make(action)
 
 
