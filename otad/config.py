@@ -50,6 +50,7 @@ class ApiSettings:
 @dataclass(frozen=True)
 class UpgradeSettings:
     timeout: float  # seconds an upgrade may take before it is timed_out
+    timeline_limit: int = 100  # timeline entries kept per upgrade besides its state changes
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.max_packet_size", _parse_size, 1024**2),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
+    Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
     # For the client subcommands (otad package, enable, upgrades, ...), not the daemon.
     Key("client.server", _parse_public_url, "http://127.0.0.1:8080"),
     Key("client.token", str, ""),
@@ -360,7 +362,7 @@ def load_settings(
             max_packet_size=values["mqtt.max_packet_size"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
-        upgrade=UpgradeSettings(timeout=values["upgrade.timeout"]),
+        upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),
         xiaozhi=XiaozhiSettings(
             default_product_id=values["xiaozhi.default_product_id"],
             timezone_offset=values["xiaozhi.timezone_offset"],

@@ -27,7 +27,7 @@ from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services, build_services
 from otad.service.clock import utc_now
-from otad.service.health import database_alive
+from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_database
 from otad.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,22 @@ class Daemon:
         firmware.prepare()
         self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size,
                                                   settings.xiaozhi.default_product_id, settings.upgrade.timeout,
-                                                  self._clock)
+                                                  self._clock, settings.upgrade.timeline_limit)
+        services.health.add_probe(DATABASE, probe_database)
+        services.health.add_probe(FIRMWARE, firmware.probe)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await services.devices.warm_login_cache()
         await services.devices.reset_presence()  # nobody is connected to a broker that is not started
 
         async def on_report(device_name: str, payload: bytes) -> bytes:
-            return (await services.reports.apply(device_name, payload)).to_json()
+            return (await services.ingest.submit(device_name, payload)).to_json()
 
-        # Stopped in reverse: the broker's last disconnects are noted before presence is written.
+        # Stopped in reverse: the broker's last disconnects are noted before presence is written,
+        # and the connections are gone before the batch being written is finished.
         self._stack.push_async_callback(services.devices.flush_presence)
+        services.ingest.start()
+        self._stack.push_async_callback(services.ingest.stop)
         await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
                                  services.devices.note_presence)
         self._stack.push_async_callback(self._broker.stop)
@@ -162,19 +167,28 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
         log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
 
-    async def health(self) -> dict[str, bool]:
-        """What /healthz and the systemd watchdog check: the broker serves, the database answers."""
+    async def alive(self) -> dict[str, bool]:
+        """What the systemd watchdog checks: the broker serves, the database answers. A full disk
+        is not here: restarting would not free any space."""
         try:
             database = await asyncio.wait_for(database_alive(), 5)
         except Exception:
             database = False
         return {"broker": self._broker.is_serving(), "database": database}
 
+    async def health(self) -> dict[str, bool | str]:
+        """What /healthz shows: each part true, or why it is failing (a full disk, say)."""
+        checks: dict[str, bool | str] = {**await self.alive(), FIRMWARE: True}
+        assert self.services is not None
+        for part, reason in (await self.services.health.recheck()).items():
+            checks[part] = reason
+        return checks
+
     async def _maintain(self, services: Services) -> None:
         """Every few seconds: time out overdue upgrades, write devices' presence. Survives errors."""
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
-            for job in (services.upgrades.expire_due, services.devices.flush_presence):
+            for job in (services.upgrades.expire_due, services.devices.flush_presence, services.health.recheck):
                 try:
                     await job()
                 except Exception:
@@ -214,7 +228,7 @@ async def _watchdog(daemon: Daemon) -> None:
         return
     while True:
         await asyncio.sleep(interval / 2)
-        checks = await daemon.health()
+        checks = await daemon.alive()
         if all(checks.values()):
             systemd.notify("WATCHDOG=1")
         else:

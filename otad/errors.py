@@ -102,6 +102,22 @@ class StillReferenced(OtadError):
     default_message = "存在依赖关系，无法删除"
 
 
+class StorageUnavailable(OtadError):
+    """A write failed for a reason that passes, such as a busy database (HTTP 503). Nothing was
+    written; the same request may succeed later."""
+
+    code = 999
+    status = 503
+    default_message = "失败: storage is unavailable"
+
+
+class StorageFull(StorageUnavailable):
+    """The database or the firmware store has no space left (HTTP 507 Insufficient Storage)."""
+
+    status = 507
+    default_message = "失败: no space left on the device"
+
+
 class StartupError(Exception):
     """The daemon cannot start (port in use, unwritable data dir, bad config).
 

@@ -7,6 +7,7 @@ path after it matched ``STORED_NAME``, so no request can reach a file outside th
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -19,12 +20,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import aiofiles
 import aiofiles.os
 
-from otad.errors import MissingInput, TooLarge
+from otad.errors import MissingInput, StorageFull, TooLarge
 
 log = logging.getLogger(__name__)
 
 STORED_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.[a-z0-9]{1,10}")
 _TEMP_DIR = ".incoming"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,32 @@ class FirmwareStore:
                 finally:
                     await intake.settle()
             await aiofiles.os.replace(temp_path, self.directory / file_name)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(asyncio.to_thread(temp_path.unlink, missing_ok=True))
+            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+                raise StorageFull("firmware store: no space left on the device") from None
             raise
         return StoredFile(file_name=file_name, size=intake.size, md5=intake.md5.hexdigest(),
                           sha256=intake.sha256.hexdigest())
+
+    async def probe(self) -> None:
+        """A small durable write where uploads go; raises StorageFull when there is no room."""
+        path = self._incoming / f".probe-{uuid.uuid4().hex}"
+
+        def write() -> None:
+            try:
+                with open(path, "wb") as out:
+                    out.write(b"\0" * 4096)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise StorageFull("firmware store: no space left on the device") from None
+                raise
+            finally:
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(write)
 
     async def discard(self, file_name: str) -> None:
         path = self.path_of(file_name)

@@ -71,9 +71,13 @@ async def test_full_state_machine_driven_by_a_real_device(otad):
     upgrade = await _upgrade(otad, version)
     assert upgrade["state"] == "updated" and upgrade["finishedAt"]
     states = [event["state"] for event in upgrade["timeline"]]
-    assert states == ["created", "notified", "downloading", "downloading", "downloaded", "verified", "updating",
-                      "updated"]
-    assert [event["source"] for event in upgrade["timeline"]][2:] == ["device"] * 6
+    # The two "downloading" reports are one entry: counted, with the latest progress.
+    assert states == ["created", "notified", "downloading", "downloaded", "verified", "updating", "updated"]
+    downloading = upgrade["timeline"][2]
+    assert downloading["count"] == 2 and json.loads(downloading["detail"])["progress"] == 80
+    assert downloading["lastAt"] >= downloading["at"]
+    assert [event["source"] for event in upgrade["timeline"]][2:] == ["device"] * 5
+    assert upgrade["progress"] == 100
     _, devices = await otad.request("GET", "/api/v2/devices")
     assert devices["data"][0]["firmwareVersion"] == "2.0.0" and devices["data"][0]["online"] is True
 

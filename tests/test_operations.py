@@ -15,7 +15,7 @@ from tests.conftest import free_port
 async def test_healthz_reports_broker_and_database(otad):
     async with otad.session.get(f"{otad.url}/healthz") as response:  # no token needed
         assert response.status == 200
-        assert await response.json() == {"status": "ok", "broker": True, "database": True}
+        assert await response.json() == {"status": "ok", "broker": True, "database": True, "firmware": True}
 
 
 async def test_metrics_need_a_token_and_count_what_happened(otad):

@@ -21,7 +21,7 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" request_id=%{X-Request-
 
 
 def create_app(services: Services, settings: Settings, observer: RequestObserver, metrics: Metrics,
-               health: Callable[[], Awaitable[dict[str, bool]]]) -> web.Application:
+               health: Callable[[], Awaitable[dict[str, bool | str]]]) -> web.Application:
     # Uploads are streamed and limited by the service; client_max_size bounds the JSON bodies only.
     app = web.Application(middlewares=[observer.middleware, envelope_middleware],
                           client_max_size=16 * 1024 * 1024)

@@ -13,4 +13,4 @@ from otad.service import Services
 SERVICES = web.AppKey("services", Services)
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-HEALTH = web.AppKey("health", Callable[[], Awaitable[dict[str, bool]]])
+HEALTH = web.AppKey("health", Callable[[], Awaitable[dict[str, bool | str]]])

@@ -74,7 +74,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, list, dict | None, bool, dict]] = {
     ("get", "/api/v2/upgrades"): ("Upgrade history, newest first, paged", [
         _param("deviceName"), _param("state"), _param("campaign", kind="integer"), _param("page", kind="integer"),
         _param("pageSize", kind="integer")], None, False, _OK),
-    ("get", "/api/v2/upgrades/{version}"): ("One upgrade with its timeline", [_VERSION], None, False, _OK),
+    ("get", "/api/v2/upgrades/{version}"): ("One upgrade with one page of its timeline (oldest first)", [
+        _VERSION, _param("timelinePage", kind="integer"), _param("timelinePageSize", kind="integer")], None, False,
+        _OK),
     ("post", "/api/v2/upgrades/{version}/cancel"): ("Cancel an upgrade; its command is withdrawn", [_VERSION],
                                                     None, False, _OK),
     ("post", "/api/v2/campaigns"): ("Start a staged rollout", [], _json(), False, _OK),
@@ -84,7 +86,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, list, dict | None, bool, dict]] = {
     ("post", "/api/v2/campaigns/{id}/{action}"): ("Pause, resume or cancel a campaign", [
         _CAMPAIGN, {"name": "action", "in": "path", "required": True,
                     "schema": {"type": "string", "enum": ["pause", "resume", "cancel"]}}], None, False, _OK),
-    ("get", "/healthz"): ("Broker and database alive", [], None, True,
+    ("get", "/healthz"): ("Broker serving, database and firmware store taking writes", [], None, True,
                           {"200": {"description": "healthy"}, "503": {"description": "failing"}}),
     ("get", "/metrics"): ("Prometheus metrics", [], None, False, {"200": {"description": "text exposition"}}),
     ("get", "/api/v2/openapi.json"): ("This document", [], None, True, {"200": {"description": "OpenAPI 3"}}),

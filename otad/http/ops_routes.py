@@ -17,10 +17,11 @@ routes = web.RouteTableDef()
 @routes.get("/healthz")
 @public
 async def healthz(request: web.Request) -> web.Response:
-    """200 when the broker serves and the database answers, else 503 (no envelope: for probes)."""
+    """200 when the broker serves and the database and the firmware store take writes, else 503
+    with the reason for each failing part (no envelope: for probes)."""
     checks = await request.app[HEALTH]()
-    return web.json_response({"status": "ok" if all(checks.values()) else "failing", **checks},
-                             status=200 if all(checks.values()) else 503)
+    healthy = all(value is True for value in checks.values())
+    return web.json_response({"status": "ok" if healthy else "failing", **checks}, status=200 if healthy else 503)
 
 
 @routes.get("/metrics")

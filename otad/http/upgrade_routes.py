@@ -24,9 +24,12 @@ async def upgrades(request: web.Request) -> web.Response:
 @routes.get("/api/v2/upgrades/{version}")
 async def upgrade(request: web.Request) -> web.Response:
     service = request.app[SERVICES].upgrades
+    query = request.rel_url.query
     found = await service.get(request.match_info["version"])
-    timeline = await service.timeline(found.version)
-    return ok({**upgrade_view(found), "timeline": [event_view(event) for event in timeline]})
+    timeline = await service.timeline(found, query.get("timelinePage"), query.get("timelinePageSize"))
+    return ok({**upgrade_view(found), "timeline": [event_view(event) for event in timeline.items],
+               "timelineTotal": timeline.total, "timelinePage": timeline.page,
+               "timelinePageSize": timeline.page_size})
 
 
 @routes.post("/api/v2/upgrades/{version}/cancel")

@@ -97,7 +97,9 @@ def upgrade_view(upgrade: UpgradeRecord) -> dict[str, Any]:
 
 
 def event_view(event: UpgradeEventRecord) -> dict[str, Any]:
-    return {"at": timestamp(event.at), "state": event.state, "source": event.source, "detail": event.detail}
+    return {"at": timestamp(event.at), "state": event.state, "source": event.source, "detail": event.detail,
+            "count": event.count, "lastAt": timestamp(event.last_at) if event.last_at else None,
+            "changed": event.changed}
 
 
 def campaign_view(campaign: CampaignRecord) -> dict[str, Any]:

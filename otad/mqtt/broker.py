@@ -57,6 +57,8 @@ class OtaBroker(SubscriptionIndex, Broker):
         """
         handler, incoming = await OtaProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         handler.max_packet_size = self._max_packet_size
+        handler.report_of = self._report_of
+        handler.apply_report = self._events.report
         verdict = await self._policy.authenticate(incoming.username, incoming.password)
         if (verdict != Verdict.REFUSED and incoming.will_flag
                 and not self._policy.may_publish(verdict, incoming.username, incoming.will_topic or "")):
@@ -110,6 +112,13 @@ class OtaBroker(SubscriptionIndex, Broker):
         if not allowed and action != Action.RECEIVE:
             log.warning("MQTT %s refused: %r may not use %r", action.value, session.username, topic)
         return allowed
+
+    def _report_of(self, session: Session, topic: str) -> str | None:
+        """The device whose OTA report a PUBLISH on ``topic`` is, if the session may publish it."""
+        device = reporting_device(topic)
+        if device is None or not self._policy.may_publish(session.otad_verdict, session.username, topic):
+            return None
+        return device
 
     async def _handle_client_session(self, reader, writer, client_session, handler, server, listener_name):  # type: ignore[override]
         """amqtt's session start without its retained-message leak.
@@ -194,9 +203,8 @@ class OtaBroker(SubscriptionIndex, Broker):
             return True
         if not await self._topic_filtering(client_session, topic, Action.PUBLISH):
             return True  # dropped and logged [MQTT-3.3.5-2]
+        # An OTA report was applied before it was acknowledged (OtaProtocolHandler); here it is only routed.
         self._deliver(client_session, topic, message.data, message.qos)
-        if (device := reporting_device(topic)) is not None:
-            self._events.inbound(device, bytes(message.data))
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, message.data, message.qos)
         return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import (CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
@@ -40,6 +41,10 @@ class OtaProtocolHandler(BrokerProtocolHandler):
     # Set by the broker from mqtt.max_packet_size. amqtt believes any remaining length up to 256 MB
     # and waits for the bytes; a packet announced bigger than this closes the connection instead.
     max_packet_size = 1024 * 1024
+    # Set by the broker: the device whose OTA report a PUBLISH is (None: not a report, or not
+    # allowed), and the coroutine that applies one and returns once it is durable.
+    report_of: Callable[[object, str], str | None] | None = None
+    apply_report: Callable[[str, bytes], Awaitable[None]] | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -102,6 +107,8 @@ class OtaProtocolHandler(BrokerProtocolHandler):
                                 client_id, header.remaining_length, self.max_packet_size)
                     break
                 packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                if header.packet_type == PUBLISH:
+                    await self._apply_if_report(packet)
                 if header.packet_type == PUBLISH and packet.qos == 2:
                     # Its flow waits for the client's PUBREL, which this loop has yet to read.
                     task = asyncio.create_task(self.handle_publish(packet))
@@ -125,6 +132,16 @@ class OtaProtocolHandler(BrokerProtocolHandler):
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    async def _apply_if_report(self, packet) -> None:
+        """An OTA report is committed before its PUBACK (or PUBREC) goes out, and before this
+        connection's next packet is read: a PUBACK means the report is durable, and a device that
+        sends faster than reports are applied is slowed down by TCP, not dropped."""
+        if self.report_of is None or self.apply_report is None or packet.topic_name is None or packet.data is None:
+            return
+        device = self.report_of(self.session, packet.topic_name)
+        if device is not None:
+            await self.apply_report(device, bytes(packet.data))
 
     def _watch_keepalive(self, loop: asyncio.AbstractEventLoop) -> None:
         """One timer per keepalive period, not one per packet: when it fires it checks when the

@@ -58,7 +58,6 @@ class EmbeddedBroker:
         self._broker = OtaBroker(broker_config(self._settings), policy, self._settings.max_packet_size, self._events,
                                  self._metrics)
         await self._broker.start()
-        self._events.start()
         try:
             # asyncio uses one number for two things: the kernel's accept queue and how many
             # connections it accepts per event-loop turn. A fleet reconnecting at once (after a
@@ -123,14 +122,12 @@ class EmbeddedBroker:
         self._broker.publish(ota_report_reply_topic(device_name), payload)
 
     async def stop(self) -> None:
-        """Stop accepting, end the sessions, apply the reports already received, then stop."""
+        """Stop accepting, end the sessions, then stop (reports not yet applied were not
+        acknowledged either: their devices send them again)."""
         if self._server is not None:
             self._server.close()
         if self._broker is not None:
             await self._broker.shutdown()
-        if self._events is not None:
-            await self._events.drain(timeout=10)
-            await self._events.stop()
         self._broker = None
         if self._server is not None:
             await self._server.wait_closed()

@@ -10,6 +10,8 @@ from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.campaigns import Campaigns
 from otad.service.devices import DeviceRegistry
+from otad.service.health import StorageHealth
+from otad.service.ingest import ReportIngest
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
@@ -35,6 +37,8 @@ class Services:
     upgrades: UpgradeService
     campaigns: Campaigns
     reports: Reports
+    ingest: ReportIngest
+    health: StorageHealth
     passive: PassivePins
     xiaozhi: XiaozhiBoards
     firmware: FirmwareStore
@@ -42,16 +46,21 @@ class Services:
 
 def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
                    xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
-                   clock: Callable[[], datetime] = utc_now) -> Services:
+                   clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100) -> Services:
     devices = DeviceRegistry(publisher)
     upgrades = UpgradeService(devices, publisher, upgrade_timeout, clock)
+    health = StorageHealth()
+    reports = Reports(upgrades, timeline_limit)
+    campaigns = Campaigns(upgrades, devices, upgrade_timeout)
     return Services(
         admins=AdminAuth(),
         devices=devices,
-        packages=PackageCatalog(firmware, publisher, max_upload_size),
+        packages=PackageCatalog(firmware, upgrades, max_upload_size, health),
         upgrades=upgrades,
-        campaigns=Campaigns(upgrades, upgrade_timeout),
-        reports=Reports(upgrades),
+        campaigns=campaigns,
+        reports=reports,
+        ingest=ReportIngest(reports, health),
+        health=health,
         passive=PassivePins(devices),
         xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),
         firmware=firmware,

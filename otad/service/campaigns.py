@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -17,8 +18,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from otad.errors import Conflict, InvalidInput, NotFound
-from otad.service.states import OPEN_STATES, CampaignState, UpgradeState
-from otad.service.upgrades import UpgradeService
+from otad.service.campaign_view import CampaignView
+from otad.service.devices import DeviceRegistry
+from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, CampaignState, UpgradeState
+from otad.service.upgrades import Recipient, UpgradeChange, UpgradeService
 from otad.service.validation import check_package_name, parse_int
 from otad.store import repo, rollouts
 from otad.store.records import CampaignRecord
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 FAILED = (UpgradeState.FAILED, UpgradeState.TIMED_OUT)
 # Ended without an outcome for the device (an admin cancelled it, or a newer upgrade replaced it).
 SKIPPED = (UpgradeState.CANCELLED, UpgradeState.SUPERSEDED)
+# States in which a device is installing: another upgrade does not interrupt it.
+_BUSY_STATES = tuple(state for state in OPEN_STATES if state not in (UpgradeState.CREATED, UpgradeState.NOTIFIED))
+# Upgrades started per campaign step (a step is one transaction): the API keeps answering meanwhile.
+_MAX_STARTS_PER_STEP = 500
 
 
 def stage_of(product_id: int, name: str, device_name: str, stages: list[int]) -> int | None:
@@ -63,11 +70,13 @@ _TEN_YEARS = 10 * 365 * 24 * 3600.0
 
 
 class Campaigns:
-    def __init__(self, upgrades: UpgradeService, default_timeout: float) -> None:
+    def __init__(self, upgrades: UpgradeService, devices: DeviceRegistry, default_timeout: float) -> None:
         self._upgrades = upgrades
         self._default_timeout = default_timeout
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
-        self._stages: dict[int, dict[str, int | None]] = {}  # campaign id -> device -> stage (a hash each)
+        self._views: dict[int, CampaignView] = {}  # running campaigns as the engine last saw them
+        upgrades.on_change(self._on_upgrades_changed)
+        devices.on_delete(self._on_device_deleted)
         # One campaign step, pause, resume or cancel at a time: a cancel must not land in the middle
         # of a step that is still sending commands.
         self._lock = asyncio.Lock()
@@ -92,6 +101,11 @@ class Campaigns:
         package = await repo.find_package(product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {product_id} has no package named '{name}'")
+        # Two live campaigns of one package would supersede each other's upgrades device by device.
+        for live in await rollouts.list_campaigns(LIVE_CAMPAIGN_STATES):
+            if live.product_id == product_id and live.package_id == package.id:
+                raise Conflict(f"参数无效: campaign {live.id} already rolls out '{name}' to product {product_id} "
+                               f"({live.state}); cancel it first")
         campaign = await rollouts.insert_campaign(
             name=name, product_id=product_id, package_id=package.id, stages=stages, success_threshold=success,
             failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=rate,
@@ -117,7 +131,8 @@ class Campaigns:
         against the threshold, or a campaign that paused itself would pause again at once."""
         async with self._lock:
             campaign = await self.get(raw_id)
-            failures = sum(1 for upgrade in await rollouts.campaign_upgrades(campaign.id) if upgrade.state in FAILED)
+            failures = sum(count for _, state, count in await rollouts.count_campaign_upgrades(campaign.id)
+                           if state in FAILED)
             if not await rollouts.update_campaign(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
                                               reason=None, failures_accepted=failures):
                 raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
@@ -128,10 +143,8 @@ class Campaigns:
             campaign = await self._move(raw_id, (CampaignState.RUNNING, CampaignState.PAUSED),
                                         CampaignState.CANCELLED, "cancelled by an admin")
             # One statement for all, whatever state each upgrade has reached by now.
-            for device_name in await rollouts.end_open_upgrades(
-                    open_states=OPEN_STATES, state=UpgradeState.CANCELLED, at=self._upgrades.clock(),
-                    detail="campaign cancelled", campaign_id=campaign.id):
-                await self._upgrades.withdraw(device_name)
+            await self._upgrades.end_open(state=UpgradeState.CANCELLED, detail="campaign cancelled",
+                                          campaign_id=campaign.id)
             return campaign
 
     async def _move(self, raw_id: object, from_states: tuple, to_state: CampaignState,
@@ -147,20 +160,21 @@ class Campaigns:
 
     async def _status(self, campaign: CampaignRecord) -> CampaignStatus:
         status = CampaignStatus(campaign)
-        for _, device_name in await repo.device_names_of_product(campaign.product_id):
+        for _, device_name in await repo.devices_of_product(campaign.product_id):
             stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
             if stage is not None:
                 status.devices_per_stage[stage] += 1
-        for upgrade in await rollouts.campaign_upgrades(campaign.id):
-            status.by_state[upgrade.state] += 1
-            status.by_stage.setdefault(upgrade.stage, Counter())[upgrade.state] += 1
+        for stage, state, count in await rollouts.count_campaign_upgrades(campaign.id):
+            status.by_state[state] += count
+            status.by_stage.setdefault(stage, Counter())[state] += count
         return status
 
     # --- the engine ---
 
     async def tick(self) -> None:
         """Advance every running campaign one step; called every half second by the daemon."""
-        for listed in await rollouts.list_campaigns([CampaignState.RUNNING]):
+        running = await rollouts.list_campaigns([CampaignState.RUNNING])
+        for listed in running:
             async with self._lock:
                 campaign = await rollouts.find_campaign(listed.id)  # as it is now, under the lock
                 if campaign is None or campaign.state != CampaignState.RUNNING:
@@ -169,37 +183,59 @@ class Campaigns:
                     await self._advance(campaign)
                 except Exception:
                     log.exception("campaign %d: step failed; retrying next tick", campaign.id)
+        # Paused or ended: its view is dropped, and read afresh if it runs again.
+        for campaign_id in set(self._views) - {campaign.id for campaign in running}:
+            self._views.pop(campaign_id, None)
+
+    def _on_upgrades_changed(self, changes: list[UpgradeChange]) -> None:
+        for change in changes:
+            view = self._views.get(change.campaign_id) if change.campaign_id is not None else None
+            if view is not None:
+                view.set_upgrade(change.device_name, change.version, change.old, change.new)
+
+    def _on_device_deleted(self, name: str) -> None:
+        for view in self._views.values():
+            view.remove_device(name)
+
+    async def _view(self, campaign: CampaignRecord) -> CampaignView:
+        """The campaign's view: loaded once, then only the devices that joined since."""
+        view = self._views.get(campaign.id)
+        if view is None:
+            view = CampaignView(campaign.product_id, campaign.name, campaign.stages)
+            # Registered before the reads: changes during them are applied or recognised as stale.
+            self._views[campaign.id] = view
+            for upgrade in await rollouts.campaign_upgrade_states(campaign.id):
+                view.upgrade_of[upgrade.device_name] = (upgrade.version, UpgradeState(upgrade.state))
+        for device_id, name in await repo.devices_of_product(campaign.product_id, after_id=view.last_device_id):
+            view.add_device(device_id, name, stage_of(campaign.product_id, campaign.name, name, campaign.stages))
+        if not view.states_per_stage and view.upgrade_of:
+            for name, (_, state) in view.upgrade_of.items():
+                if name in view.stage_of:
+                    view.states_per_stage.setdefault(view.stage_of[name], Counter())[state] += 1
+        return view
 
     async def _advance(self, campaign: CampaignRecord) -> None:
-        devices = await repo.device_names_of_product(campaign.product_id)
-        known = self._stages.setdefault(campaign.id, {})
-        stage_by_device = {name: known[name] if name in known else known.setdefault(
-            name, stage_of(campaign.product_id, campaign.name, name, campaign.stages)) for _, name in devices}
-        upgrades = {upgrade.device_name: upgrade for upgrade in await rollouts.campaign_upgrades(campaign.id)}
+        view = await self._view(campaign)
         stage = campaign.current_stage
-        opened = [name for name, s in stage_by_device.items() if s is not None and s <= stage]
-        states = Counter(upgrades[name].state for name in opened if name in upgrades)
+        opened = view.opened(stage)
+        states = view.states_up_to(stage)
         failed = max(0, sum(states[s] for s in FAILED) - campaign.failures_accepted)
         ended = failed + states[UpgradeState.UPDATED]
-        if opened and failed / len(opened) > campaign.failure_threshold:
-            reason = (f"paused itself: {failed} of {len(opened)} devices in stages 1-{stage + 1} failed "
+        if opened and failed / opened > campaign.failure_threshold:
+            reason = (f"paused itself: {failed} of {opened} devices in stages 1-{stage + 1} failed "
                       f"(over {campaign.failure_threshold:.0%})")
             await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                       reason=reason)
+                                           reason=reason)
             log.warning("campaign %d %s", campaign.id, reason)
             return
-        # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
-        busy = {upgrade.device_name for upgrade in await rollouts.open_upgrades(OPEN_STATES)
-                if upgrade.campaign_id != campaign.id and upgrade.state not in (UpgradeState.CREATED,
-                                                                                 UpgradeState.NOTIFIED)}
-        waiting = [name for name in opened if name not in upgrades and name not in busy]
         in_flight = sum(states[s] for s in OPEN_STATES)
-        if not waiting and in_flight == 0 and not busy.intersection(opened):
+        unstarted = opened - sum(states.values())
+        if unstarted <= 0 and in_flight == 0:
             success = states[UpgradeState.UPDATED] / ended if ended else 1.0
             if success < campaign.success_threshold:
                 reason = f"paused itself: stage {stage + 1} succeeded on {success:.0%}, below the threshold"
                 await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                           reason=reason)
+                                               reason=reason)
                 return
             if stage + 1 >= len(campaign.stages):
                 await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
@@ -208,17 +244,25 @@ class Campaigns:
             await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
             log.info("campaign %d: stage %d opened", campaign.id, stage + 2)
             return
-        budget = min(campaign.max_concurrent - in_flight, self._take_tokens(campaign, len(waiting)))
+        budget = min(campaign.max_concurrent - in_flight, _MAX_STARTS_PER_STEP,
+                     self._take_tokens(campaign, unstarted))
         if budget <= 0:
             return
         package = await repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
         if package is None:
             await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                       reason="paused itself: its package is gone")
+                                           reason="paused itself: its package is gone")
             return
-        ids = dict((name, device_id) for device_id, name in devices)
-        for name in sorted(waiting, key=lambda n: (stage_by_device[n], n))[:budget]:
-            await self._upgrades.start(ids[name], name, package, campaign.timeout, campaign.id, stage_by_device[name])
+        candidates = list(itertools.islice(view.unstarted(stage), budget * 2))
+        # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
+        busy = await rollouts.devices_busy_elsewhere([name for _, name in candidates], campaign.id, _BUSY_STATES)
+        chosen = [Recipient(view.device_ids[name], name, s) for s, name in candidates if name not in busy][:budget]
+        if chosen:
+            await self._upgrades.start_many(chosen, package, campaign.timeout, campaign.id)
+        # Tokens not spent on busy devices are given back.
+        if len(chosen) < budget:
+            tokens, at = self._tokens[campaign.id]
+            self._tokens[campaign.id] = (tokens + budget - len(chosen), at)
 
     def _take_tokens(self, campaign: CampaignRecord, wanted: int) -> int:
         """notifyRate as a token bucket holding one second's worth, and at least one token (a rate

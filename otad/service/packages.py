@@ -5,22 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from otad.errors import Conflict, NotFound, StillReferenced
-from otad.service.clock import utc_now
+from otad.errors import Conflict, NotFound, StillReferenced, StorageUnavailable
+from otad.service.health import DATABASE, FIRMWARE, StorageHealth
 from otad.firmware import FirmwareStore
-from otad.service.ports import Publisher
-from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
+from otad.service.states import LIVE_CAMPAIGN_STATES, UpgradeState
+from otad.service.upgrades import UpgradeService
 from otad.service.validation import check_package_name, optional_text, parse_int, safe_text
-from otad.store import repo, rollouts
+from otad.store import repo
 from otad.store.records import PackageRecord
 
 log = logging.getLogger(__name__)
 
 
 class PackageCatalog:
-    def __init__(self, firmware: FirmwareStore, publisher: Publisher, max_upload_size: int) -> None:
+    def __init__(self, firmware: FirmwareStore, upgrades: UpgradeService, max_upload_size: int,
+                 health: StorageHealth) -> None:
         self._firmware = firmware
-        self._publisher = publisher
+        self._upgrades = upgrades
+        self._health = health
         self._max_upload_size = max_upload_size
         # file name -> package, for the download path every device takes (packages never change;
         # a deleted one is dropped here before its file is removed).
@@ -46,7 +48,12 @@ class PackageCatalog:
         name, product_id = await self.check_new(name, product_id)
         version = optional_text(version, "version", 128)
         description = optional_text(description, "description", 4096)
-        stored = await self._firmware.receive(chunks, original_name, self._max_upload_size)
+        try:
+            stored = await self._firmware.receive(chunks, original_name, self._max_upload_size)
+        except StorageUnavailable as exc:
+            self._health.failing(FIRMWARE, exc.message)
+            raise
+        self._health.ok(FIRMWARE)
         try:
             package = await repo.insert_package(
                 product_id=product_id, name=name, file_name=stored.file_name,
@@ -56,8 +63,10 @@ class PackageCatalog:
         except repo.Duplicate:
             await self._firmware.discard(stored.file_name)
             raise Conflict(f"参数无效: product {product_id} already has a package named '{name}'") from None
-        except BaseException:
+        except BaseException as exc:
             await self._firmware.discard(stored.file_name)
+            if isinstance(exc, StorageUnavailable):
+                self._health.failing(DATABASE, exc.message)
             raise
         log.info("package %d '%s' (product %d) stored as %s, %d bytes, md5 %s",
                  package.id, name, product_id, stored.file_name, stored.size, stored.md5)
@@ -85,10 +94,8 @@ class PackageCatalog:
         if users:
             raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
         in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
-        devices = await rollouts.end_open_upgrades(open_states=OPEN_STATES, state=UpgradeState.CANCELLED,
-                                                   at=utc_now(), detail="package deleted", package_id=package.id)
-        for device_name in devices:
-            await self._publisher.clear_command(device_name)
+        cancelled = await self._upgrades.end_open(state=UpgradeState.CANCELLED, detail="package deleted",
+                                                  package_id=package.id)
         try:
             await repo.delete_package(package.id)
         except repo.StillUsed:
@@ -96,4 +103,4 @@ class PackageCatalog:
         self._deletions += 1
         self._by_file.pop(package.file_name, None)
         await self._firmware.discard(package.file_name)
-        log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, len(devices))
+        log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, cancelled)

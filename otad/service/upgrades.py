@@ -17,6 +17,7 @@ from otad.service.ports import Publisher
 from otad.service.states import OPEN_STATES, TERMINAL_STATES, UpgradeState
 from otad.service.validation import check_device_name, check_package_name, parse_int
 from otad.store import repo, rollouts
+from otad.store.rollouts import NewUpgrade
 from otad.store.records import PackageRecord, UpgradeEventRecord, UpgradeRecord
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,33 @@ class EnabledUpgrade:
 
 
 @dataclass(frozen=True)
+class Recipient:
+    device_id: int
+    device_name: str
+    stage: int | None = None
+
+
+@dataclass(frozen=True)
+class UpgradeChange:
+    """An upgrade moved from ``old`` (None: it was just created) to ``new``."""
+
+    version: str
+    device_name: str
+    campaign_id: int | None
+    old: UpgradeState | None
+    new: UpgradeState
+    stage: int | None = None
+
+
+@dataclass(frozen=True)
+class TimelinePage:
+    items: list[UpgradeEventRecord]
+    total: int
+    page: int
+    page_size: int
+
+
+@dataclass(frozen=True)
 class UpgradePage:
     items: list[UpgradeRecord]
     total: int
@@ -53,6 +81,7 @@ class UpgradeService:
         self._publisher = publisher
         self._default_timeout = default_timeout
         self.clock = clock
+        self._listeners: list[Callable[[list[UpgradeChange]], None]] = []
 
     # --- starting ---
 
@@ -71,18 +100,38 @@ class UpgradeService:
     async def start(self, device_id: int, device_name: str, package: PackageRecord, timeout: float,
                     campaign_id: int | None = None, stage: int | None = None) -> EnabledUpgrade:
         """The one way an upgrade begins, for otaEnable and campaigns alike."""
+        return (await self.start_many([Recipient(device_id, device_name, stage)], package, timeout, campaign_id))[0]
+
+    async def start_many(self, recipients: list[Recipient], package: PackageRecord, timeout: float,
+                         campaign_id: int | None = None) -> list[EnabledUpgrade]:
+        """Start ``package`` on many devices at once: recorded in one transaction, sent, then marked
+        notified in one statement (a campaign step is a few writes, not a few per device)."""
         now = self.clock()
-        version = str(uuid.uuid4())
+        new = [NewUpgrade(version=str(uuid.uuid4()), device_id=r.device_id,
+                          timeout_at=now + timedelta(seconds=timeout), stage=r.stage) for r in recipients]
         # Recorded before it is sent: if the process dies in between, the restart sends it.
-        await rollouts.record_upgrade(version=version, device_id=device_id, package=package,
-                                  state=UpgradeState.CREATED, at=now, timeout_at=now + timedelta(seconds=timeout),
-                                  superseded_state=UpgradeState.SUPERSEDED, open_states=OPEN_STATES,
-                                  campaign_id=campaign_id, stage=stage)
-        await self._publisher.send_command(device_name, ota_command(package.file_name, version, package.md5))
-        await rollouts.advance_upgrade(version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
-        log.info("upgrade %s: package %d '%s' sent to device %s%s", version, package.id, package.name, device_name,
-                 f" (campaign {campaign_id}, stage {stage})" if campaign_id else "")
-        return EnabledUpgrade(version=version, device_name=device_name, package=package)
+        superseded = await rollouts.record_upgrades(new, package=package, state=UpgradeState.CREATED, at=now,
+                                                    superseded_state=UpgradeState.SUPERSEDED,
+                                                    open_states=OPEN_STATES, campaign_id=campaign_id)
+        changes = [UpgradeChange(e.version, e.device_name, e.campaign_id, UpgradeState(e.state), UpgradeState.SUPERSEDED)
+                   for e in superseded]
+        started = []
+        for recipient, item in zip(recipients, new):
+            await self._publisher.send_command(recipient.device_name,
+                                               ota_command(package.file_name, item.version, package.md5))
+            started.append(EnabledUpgrade(version=item.version, device_name=recipient.device_name, package=package))
+            changes.append(UpgradeChange(item.version, recipient.device_name, campaign_id, None, UpgradeState.NOTIFIED,
+                                         stage=recipient.stage))
+        await rollouts.advance_upgrades([item.version for item in new], UpgradeState.CREATED, UpgradeState.NOTIFIED,
+                                        self.clock())
+        await self.changed(changes)
+        for upgrade in started if len(started) <= 10 else started[:1]:
+            log.info("upgrade %s: package %d '%s' sent to device %s%s", upgrade.version, package.id, package.name,
+                     upgrade.device_name, f" (campaign {campaign_id})" if campaign_id else "")
+        if len(started) > 10:
+            log.info("package %d '%s' sent to %d devices (campaign %s)", package.id, package.name, len(started),
+                     campaign_id)
+        return started
 
     async def restore_pending(self) -> int:
         """Keep each device's latest open command again for its next subscribe (after a restart)."""
@@ -90,29 +139,51 @@ class UpgradeService:
         for upgrade in latest.values():
             await self._publisher.keep_command(upgrade.device_name,
                                                ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
-            await rollouts.advance_upgrade(upgrade.version, UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
+        await rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED],
+                                        UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         return len(latest)
 
     # --- moving on ---
 
+    def on_change(self, listener: Callable[[list[UpgradeChange]], None]) -> None:
+        """Call ``listener(changes)`` after upgrades change state (the campaign engine's view)."""
+        self._listeners.append(listener)
+
+    async def changed(self, changes: list[UpgradeChange]) -> None:
+        """Upgrades changed state (already written): an upgrade that ended takes its command with
+        it, never delivered again, retained or queued; then the listeners hear of it."""
+        for change in changes:
+            if change.new in TERMINAL_STATES and change.new != UpgradeState.SUPERSEDED:
+                await self._publisher.clear_command(change.device_name)
+                log.info("upgrade %s of %s: %s -> %s", change.version, change.device_name, change.old, change.new)
+            else:
+                log.debug("upgrade %s of %s: %s -> %s", change.version, change.device_name, change.old, change.new)
+        for listener in self._listeners:
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("an upgrade-change listener failed")
+
     async def transition(self, upgrade: UpgradeRecord, to_state: UpgradeState, source: str,
                          detail: str | None = None, progress: int | None = None,
                          message: str | None = None) -> bool:
-        """Move ``upgrade`` to ``to_state`` (if nothing moved it meanwhile). An upgrade that ends
-        takes its command with it: never delivered again, retained or queued."""
+        """Move ``upgrade`` to ``to_state`` (if nothing moved it meanwhile)."""
         finished = to_state in TERMINAL_STATES
         moved = await rollouts.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(), source, detail,
-                                           progress=progress, message=message, finished=finished)
-        if moved and finished and to_state != UpgradeState.SUPERSEDED:
-            await self._publisher.clear_command(upgrade.device_name)
+                                               progress=progress, message=message, finished=finished)
         if moved:
-            log.info("upgrade %s of %s: %s -> %s (%s)", upgrade.version, upgrade.device_name, upgrade.state,
-                     to_state, source)
+            await self.changed([UpgradeChange(upgrade.version, upgrade.device_name, upgrade.campaign_id,
+                                              UpgradeState(upgrade.state), to_state)])
         return moved
 
-    async def withdraw(self, device_name: str) -> None:
-        """Forget the device's pending command (its upgrade was ended elsewhere)."""
-        await self._publisher.clear_command(device_name)
+    async def end_open(self, *, state: UpgradeState, detail: str, package_id: int | None = None,
+                       campaign_id: int | None = None) -> int:
+        """End every open upgrade of a package or a campaign (its commands withdrawn)."""
+        ended = await rollouts.end_open_upgrades(open_states=OPEN_STATES, state=state, at=self.clock(), detail=detail,
+                                                 package_id=package_id, campaign_id=campaign_id)
+        await self.changed([UpgradeChange(e.version, e.device_name, e.campaign_id, UpgradeState(e.state), state)
+                            for e in ended])
+        return len(ended)
 
     async def cancel(self, version: str) -> UpgradeRecord:
         # A report may move the upgrade between reading and writing it: read again and retry.
@@ -142,8 +213,12 @@ class UpgradeService:
             raise NotFound(f"参数无效: no upgrade {version}")
         return upgrade
 
-    async def timeline(self, version: str) -> list[UpgradeEventRecord]:
-        return await rollouts.upgrade_events(version)
+    async def timeline(self, upgrade: UpgradeRecord, page: object = None, page_size: object = None) -> TimelinePage:
+        """One page of an upgrade's timeline, oldest first (``MAX_PAGE_SIZE`` entries at most)."""
+        number = 1 if page in (None, "") else min(max(parse_int(page, "timelinePage"), 1), 1_000_000)
+        size = 100 if page_size in (None, "") else min(max(parse_int(page_size, "timelinePageSize"), 1), MAX_PAGE_SIZE)
+        items, total = await rollouts.upgrade_events(upgrade.id, (number - 1) * size, size)
+        return TimelinePage(items=items, total=total, page=number, page_size=size)
 
     async def list(self, *, device_name: object = None, state: object = None, campaign: object = None,
                    page: object = None, page_size: object = None) -> UpgradePage:

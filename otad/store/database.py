@@ -12,9 +12,20 @@ from otad.store.models import SchemaVersion
 log = logging.getLogger(__name__)
 
 # Bump when the models change, and add the step to _MIGRATIONS.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> SQL statements that bring a database of version-1 up to version.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Timeline entries fold repeated reports (count, last_at) and say whether they changed the
+    # state; indexes for the per-upgrade timeline, a device's open upgrade and a campaign's states.
+    2: (
+        'ALTER TABLE "upgrade_event" ADD "changed" INT NOT NULL DEFAULT 1',
+        'ALTER TABLE "upgrade_event" ADD "count" INT NOT NULL DEFAULT 1',
+        'ALTER TABLE "upgrade_event" ADD "last_at" TIMESTAMP',
+        'CREATE INDEX IF NOT EXISTS "idx_upgrade_eve_upgrade_50b992" ON "upgrade_event" ("upgrade_id", "id")',
+        'CREATE INDEX IF NOT EXISTS "idx_upgrade_device__d530d0" ON "upgrade" ("device_id", "state")',
+        'CREATE INDEX IF NOT EXISTS "idx_upgrade_campaig_31bb25" ON "upgrade" ("campaign_id", "state")',
+    ),
+}
 
 
 class Database:
@@ -35,8 +46,11 @@ class Database:
             "connections": {"default": {
                 "engine": "tortoise.backends.sqlite",
                 # WAL lets the CLI's admin commands write while the daemon runs; busy_timeout makes
-                # a writer wait for the other's lock instead of failing at once.
-                "credentials": {"file_path": str(self.path), "journal_mode": "WAL", "busy_timeout": 5000},
+                # a writer wait for the other's lock instead of failing at once. synchronous=FULL
+                # fsyncs the WAL at every commit: a PUBACK or a 200 promises the write survives a
+                # power cut, not just a crash (commits are batched where it matters: reports).
+                "credentials": {"file_path": str(self.path), "journal_mode": "WAL", "busy_timeout": 5000,
+                                "synchronous": "FULL"},
             }},
             "apps": {"models": {"models": ["otad.store.models"], "default_connection": "default"}},
         })

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from tortoise import fields
+from tortoise.indexes import Index
 from tortoise.models import Model
+
+from otad.store.records import MAX_VERSION_TEXT
 
 
 class SchemaVersion(Model):
@@ -55,7 +58,7 @@ class Device(Model):
     remote_addr = fields.CharField(max_length=64, null=True)
     last_check_at = fields.DatetimeField(null=True)
     # From the device's own reports and its MQTT connection.
-    firmware_version = fields.CharField(max_length=128, null=True)
+    firmware_version = fields.CharField(max_length=MAX_VERSION_TEXT, null=True)
     online = fields.BooleanField(default=False)
     last_seen = fields.DatetimeField(null=True)
 
@@ -102,14 +105,20 @@ class Upgrade(Model):
     timeout_at = fields.DatetimeField(null=True, db_index=True)
     finished_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
+    # Set by every write that changes the upgrade (a bulk update does not run auto_now).
     updated_at = fields.DatetimeField(auto_now=True)
 
     class Meta:
         table = "upgrade"
+        indexes = (Index(fields=("device_id", "state")), Index(fields=("campaign_id", "state")))
 
 
 class UpgradeEvent(Model):
-    """One entry of an upgrade's timeline: a state change, or a report that did not change it."""
+    """One entry of an upgrade's timeline: a state change, or a report that did not change it.
+
+    Consecutive reports of the same status from the device are one row: ``count`` of them, from
+    ``at`` to ``last_at``, with the latest one's ``detail`` (its progress). Rows that changed nothing
+    (``changed`` false) are capped per upgrade; state changes are always kept."""
 
     id = fields.IntField(primary_key=True)
     upgrade = fields.ForeignKeyField("models.Upgrade", related_name="events", on_delete=fields.CASCADE)
@@ -117,9 +126,13 @@ class UpgradeEvent(Model):
     state = fields.CharField(max_length=16)
     source = fields.CharField(max_length=16)  # "server", "device", "download", "timeout", "admin"
     detail = fields.TextField(null=True)  # the device's report as JSON, or why
+    changed = fields.BooleanField(default=True)  # this entry moved the upgrade's state
+    count = fields.IntField(default=1)
+    last_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "upgrade_event"
+        indexes = (Index(fields=("upgrade_id", "id")),)
 
 
 class PassivePin(Model):

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+# The longest version text a device may report (``currentVersion``) and the column that keeps it:
+# one number for the validation and the schema, so what passes the one fits the other.
+MAX_VERSION_TEXT = 128
+
 
 @dataclass(frozen=True)
 class TokenRecord:
@@ -87,6 +91,9 @@ class UpgradeEventRecord:
     state: str
     source: str
     detail: str | None
+    count: int = 1  # consecutive reports of this status folded into this entry
+    last_at: datetime | None = None  # when the last of them arrived (None: only one)
+    changed: bool = True  # this entry moved the upgrade's state
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from tortoise.exceptions import IntegrityError
+from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
-from otad.store.models import ApiToken, Campaign, Device, Package, PassivePin, User, XiaozhiPin
+from otad.store.failures import translate_storage_errors
+from otad.store.models import SchemaVersion, ApiToken, Campaign, Device, Package, PassivePin, User, XiaozhiPin
 from otad.store.records import (DeviceRecord, Inventory, PackageRecord, PassivePinRecord, TokenRecord, UserRecord,
                                 XiaozhiPinRecord)
 
@@ -124,6 +126,7 @@ async def save_inventory(device_id: int, inventory: Inventory) -> None:
 
 # --- packages ---
 
+@translate_storage_errors
 async def insert_package(
     *, product_id: int, name: str, file_name: str, original_name: str, size: int, md5: str, sha256: str,
     version: str | None, description: str | None,
@@ -254,8 +257,16 @@ async def save_presence(presence: dict[str, tuple[bool, datetime]]) -> None:
             await Device.filter(name=name).update(online=online, last_seen=last_seen)
 
 
-async def device_names_of_product(product_id: int) -> list[tuple[int, str]]:
-    return [(row[0], row[1]) for row in await Device.filter(product_id=product_id).values_list("id", "name")]
+async def devices_of_product(product_id: int, after_id: int = 0) -> list[tuple[int, str]]:
+    """(id, name) of the product's devices with an id above ``after_id``, by id."""
+    rows = await Device.filter(product_id=product_id, id__gt=after_id).order_by("id").values_list("id", "name")
+    return [(row[0], row[1]) for row in rows]
+
+
+@translate_storage_errors
+async def probe_write() -> None:
+    async with in_transaction():
+        await SchemaVersion.filter(id=1).update(version=F("version"))
 
 
 async def database_alive() -> bool:

@@ -1,0 +1,125 @@
+"""Device reports from arrival to commit: group commit, retried until durable.
+
+A transport hands each report to ``submit`` and waits: the wait ends when the report is committed
+(or refused as bad input), and only then may the transport acknowledge it (MQTT PUBACK). The MQTT
+adapter waits before reading the connection's next packet, so a device can have only one report in
+here at a time and the queue is bounded by the number of connections: when applying falls behind,
+the senders' TCP windows fill up (backpressure) and nothing is dropped.
+
+One task applies whatever has queued up as one batch in one transaction. A batch that fails for a
+reason that passes (a full disk, a busy database) is retried with backoff until it goes through;
+its devices wait unacknowledged meanwhile, and re-send if their connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from otad.errors import StorageUnavailable
+from otad.service.health import DATABASE, StorageHealth
+from otad.service.logs import RateLimitedLog
+from otad.service.reports import ReportReply, Reports
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 2.0
+
+
+class ReportIngest:
+    def __init__(self, reports: Reports, health: StorageHealth, max_batch: int = 1000) -> None:
+        self._reports = reports
+        self._health = health
+        self._max_batch = max_batch
+        self._pending: deque[tuple[str, bytes, asyncio.Future[ReportReply]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failures = RateLimitedLog(log, "report batches not written")
+        self.applied = 0  # reports committed since start (bench/ and metrics)
+
+    async def submit(self, device_name: str, payload: bytes) -> ReportReply:
+        """Apply one report; returns once it is committed (or refused), with the device's reply."""
+        if self._task is None:
+            raise RuntimeError("the report ingest is not running")
+        future: asyncio.Future[ReportReply] = asyncio.get_running_loop().create_future()
+        self._pending.append((device_name, payload, future))
+        self._wakeup.set()
+        return await future
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="otad-report-ingest")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch being written (bounded), then stop. Reports not yet taken stay
+        unacknowledged: their devices send them again to the next process."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            log.warning("report ingest still writing after %.0f s at shutdown; stopping it", timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _, _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+    _stopping = False
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending and not self._stopping:
+                batch = []
+                while self._pending and len(batch) < self._max_batch:
+                    item = self._pending.popleft()
+                    if not item[2].done():  # a connection that ended no longer waits for its report
+                        batch.append(item)
+                if batch:
+                    await self._apply(batch)
+                    await asyncio.sleep(0)  # let the transports read and answer between batches
+
+    async def _apply(self, batch: list[tuple[str, bytes, asyncio.Future[ReportReply]]]) -> None:
+        items = [(device, payload) for device, payload, _ in batch]
+        delay = 0.05
+        while True:
+            try:
+                replies = await self._reports.apply_batch(items)
+                break
+            except StorageUnavailable as exc:
+                self._health.failing(DATABASE, exc.message)
+                self._failures.warning("(%d reports waiting, retrying): %s", len(self._pending) + len(batch),
+                                       exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+            except Exception:
+                log.exception("applying a batch of %d reports failed; applying them one at a time", len(items))
+                replies = await self._one_at_a_time(items)
+                break
+        self._health.ok(DATABASE)
+        self.applied += len(batch)
+        for (_, _, future), reply in zip(batch, replies):
+            if not future.done():
+                future.set_result(reply)
+
+    async def _one_at_a_time(self, items: list[tuple[str, bytes]]) -> list[ReportReply]:
+        """Isolate the report that breaks a batch: it is refused, the others are applied."""
+        replies = []
+        for device, payload in items:
+            while True:
+                try:
+                    replies.append(await self._reports.apply(device, payload))
+                    break
+                except StorageUnavailable as exc:
+                    self._health.failing(DATABASE, exc.message)
+                    await asyncio.sleep(_MAX_BACKOFF)
+                except Exception:
+                    log.exception("an OTA report from %s could not be applied", device)
+                    replies.append(ReportReply(None, False, "the report could not be applied"))
+                    break
+        return replies

@@ -1,0 +1,171 @@
+"""Device reports applied in batches: what a batch needs to read, and its writes in one transaction.
+
+One report used to cost four or five round trips; a burst after a campaign's notifications is
+tens of thousands of reports. Here a batch of reports is three reads and a handful of statements,
+each covering every row of the batch (bench/report_ingest.py has the figures).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from tortoise.functions import Count, Max
+from tortoise.transactions import in_transaction
+
+from otad.store.failures import translate_storage_errors
+from otad.store.models import Upgrade, UpgradeEvent
+
+# Rows per statement: SQLite allows 32,766 bound values per statement; 7 per row stays far below.
+_ROWS_PER_STATEMENT = 500
+
+
+@dataclass
+class ReportTarget:
+    """An upgrade as a report finds it, with the tail of its timeline."""
+
+    id: int
+    version: str
+    device_id: int
+    device_name: str
+    state: str
+    progress: int | None
+    campaign_id: int | None
+    stage: int | None
+    last_event_id: int | None = None
+    last_event_state: str | None = None
+    last_event_source: str | None = None
+    notes: int = 0  # timeline entries kept that did not change the state
+
+
+@dataclass(frozen=True)
+class UpgradeWrite:
+    """The net change of one upgrade in a batch: from the state it was read in to its final one."""
+
+    id: int
+    from_state: str
+    to_state: str
+    progress: int | None
+    message: str | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+@dataclass
+class NewEvent:
+    upgrade_id: int
+    at: datetime
+    state: str
+    source: str
+    detail: str | None
+    changed: bool
+    count: int = 1
+    last_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FoldedEvent:
+    """More reports of the same status folded into an existing entry."""
+
+    event_id: int
+    added: int
+    last_at: datetime
+    detail: str | None
+
+
+@dataclass
+class ReportWrites:
+    upgrades: list[UpgradeWrite] = field(default_factory=list)
+    new_events: list[NewEvent] = field(default_factory=list)
+    folded: dict[int, FoldedEvent] = field(default_factory=dict)  # by event id
+    trims: list[tuple[int, int]] = field(default_factory=list)  # (upgrade id, oldest notes to delete)
+    firmware: dict[int, str] = field(default_factory=dict)  # device id -> reported currentVersion
+
+    def __bool__(self) -> bool:
+        return bool(self.upgrades or self.new_events or self.folded or self.trims or self.firmware)
+
+
+@translate_storage_errors
+async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget]:
+    """The upgrades named by ``versions`` (those that exist), each with its last timeline entry
+    and how many entries it keeps that changed nothing."""
+    wanted = list(set(versions))
+    targets: dict[str, ReportTarget] = {}
+    for chunk in _chunks(wanted):
+        rows = await Upgrade.filter(version__in=chunk).values(
+            "id", "version", "device_id", "device__name", "state", "progress", "campaign_id", "stage")
+        for row in rows:
+            targets[row["version"]] = ReportTarget(
+                id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device__name"],
+                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"], stage=row["stage"])
+    by_id = {target.id: target for target in targets.values()}
+    for chunk in _chunks(list(by_id)):
+        last_ids = [row["last"] for row in await UpgradeEvent.filter(upgrade_id__in=chunk).annotate(
+            last=Max("id")).group_by("upgrade_id").values("upgrade_id", "last")]
+        for row in await UpgradeEvent.filter(id__in=last_ids).values("id", "upgrade_id", "state", "source"):
+            target = by_id[row["upgrade_id"]]
+            target.last_event_id, target.last_event_state, target.last_event_source = (
+                row["id"], row["state"], row["source"])
+        for row in await UpgradeEvent.filter(upgrade_id__in=chunk, changed=False).annotate(
+                n=Count("id")).group_by("upgrade_id").values("upgrade_id", "n"):
+            by_id[row["upgrade_id"]].notes = row["n"]
+    return targets
+
+
+@translate_storage_errors
+async def apply_report_writes(writes: ReportWrites) -> bool:
+    """Write a batch in one transaction. Each upgrade moves only from the state it was read in
+    (compare-and-set, counted): if another writer moved any of them meanwhile, nothing is written
+    and this returns False, for the caller to read again and re-plan."""
+    try:
+        await _write(writes)
+    except _LostRace:
+        return False
+    return True
+
+
+async def _write(writes: ReportWrites) -> None:
+    async with in_transaction() as conn:
+        for chunk in _chunks(writes.upgrades):
+            rows = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
+            values: list = []
+            for w in chunk:
+                values += [w.id, w.from_state, w.to_state, w.progress, w.message, w.finished_at, w.updated_at]
+            changed, _ = await conn.execute_query(
+                f'WITH v(id, from_state, to_state, progress, message, finished_at, updated_at) AS (VALUES {rows}) '
+                'UPDATE "upgrade" SET "state" = v.to_state, '
+                '"progress" = COALESCE(v.progress, "upgrade"."progress"), '
+                '"message" = COALESCE(v.message, "upgrade"."message"), '
+                '"finished_at" = COALESCE(v.finished_at, "upgrade"."finished_at"), '
+                '"updated_at" = v.updated_at '
+                'FROM v WHERE "upgrade"."id" = v.id AND "upgrade"."state" = v.from_state', values)
+            if changed != len(chunk):
+                raise _LostRace
+        if writes.new_events:
+            await conn.execute_many(
+                'INSERT INTO "upgrade_event" ("upgrade_id", "at", "state", "source", "detail", "changed", "count", '
+                '"last_at") VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+                [[e.upgrade_id, e.at, e.state, e.source, e.detail, e.changed, e.count, e.last_at]
+                 for e in writes.new_events])
+        if writes.folded:
+            await conn.execute_many(
+                'UPDATE "upgrade_event" SET "count" = "count" + ?, "last_at" = ?, "detail" = ? WHERE "id" = ?',
+                [[f.added, f.last_at, f.detail, f.event_id] for f in writes.folded.values()])
+        if writes.trims:
+            await conn.execute_many(
+                'DELETE FROM "upgrade_event" WHERE "id" IN (SELECT "id" FROM "upgrade_event" '
+                'WHERE "upgrade_id" = ? AND "changed" = 0 ORDER BY "id" LIMIT ?)',
+                [[upgrade_id, excess] for upgrade_id, excess in writes.trims])
+        if writes.firmware:
+            await conn.execute_many('UPDATE "device" SET "firmware_version" = ? WHERE "id" = ?',
+                                    [[version, device_id] for device_id, version in writes.firmware.items()])
+
+
+class _LostRace(Exception):
+    pass
+
+
+def _chunks(items: Sequence) -> Iterable[Sequence]:
+    for start in range(0, len(items), _ROWS_PER_STATEMENT):
+        yield items[start:start + _ROWS_PER_STATEMENT]
