@@ -9,20 +9,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import eventually, make_settings, start_otad
-
-ENVELOPE_KEYS = ["success", "errorCode", "errorMsg", "data"]
-
-
-def assert_error(status: int, body: dict, want_status: int, want_code: int) -> None:
-    assert list(body) == ENVELOPE_KEYS
-    assert (status, body["success"], body["errorCode"], body["data"]) == (want_status, False, want_code, None), body
-    assert body["errorMsg"] and "Traceback" not in body["errorMsg"]
-
-
-def assert_nothing_stored(otad) -> None:
-    assert otad.db_rows("package") == 0
-    assert otad.firmware_files() == []  # neither stored files nor partial uploads in .incoming
-
+from tests.helpers import ENVELOPE_KEYS, assert_error, assert_nothing_stored
 
 async def test_admin_endpoints_need_a_valid_token(otad):
     for method, path in (("GET", "/api/v2/otaList"), ("POST", "/api/v2/otaEnable"), ("DELETE", "/api/v2/otaDelete"),

@@ -13,38 +13,9 @@ import aiohttp
 from otad.service.campaigns import stage_of
 from tests.conftest import free_port
 from tests.simulated_devices import start_fleet, stop_fleet
-from tests.test_bad_input import assert_error
-
-FLEET = 200
-
-
-async def _register(otad, count: int = FLEET) -> dict[str, str]:
-    status, body = await otad.request("POST", "/api/v2/devices",
-                                      json=[{"deviceName": f"gw-{i:03d}", "productId": 7} for i in range(count)])
-    assert status == 200
-    return {entry["deviceName"]: entry["password"] for entry in body["data"]}
-
-
-async def _campaign(otad, campaign_id: int) -> dict:
-    status, body = await otad.request("GET", f"/api/v2/campaigns/{campaign_id}")
-    assert status == 200, body
-    return body["data"]
-
-
-async def _wait_for(otad, campaign_id: int, states: set[str], timeout: float = 40.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        campaign = await _campaign(otad, campaign_id)
-        if campaign["state"] in states:
-            return campaign
-        assert asyncio.get_running_loop().time() < deadline, campaign
-        await asyncio.sleep(0.2)
-
-
-def _create_body(**overrides) -> dict:
-    return {"name": "fw-2.0", "productId": 7, "stages": [1, 10, 50, 100], "successThreshold": 0.95,
-            "failureThreshold": 0.05, "maxConcurrent": 100, "notifyRate": 500, **overrides}
-
+from tests.helpers import FLEET, assert_error
+from tests.helpers import campaign_body as _create_body, get_campaign as _campaign
+from tests.helpers import register_fleet as _register, wait_for_campaign as _wait_for
 
 async def test_campaign_rolls_out_stage_by_stage_to_every_device(otad):
     passwords = await _register(otad)

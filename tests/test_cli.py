@@ -12,6 +12,7 @@ import sys
 import aiohttp
 
 from tests.conftest import free_port
+from tests.helpers import serve as _serve, wait_for_port as _wait_for_port
 from tests.mqtt_device import MqttDevice
 
 
@@ -34,20 +35,6 @@ def test_token_create_list_revoke(tmp_path):
     assert otad_cli(tmp_path, "token", "revoke", "ci").returncode != 0
 
 
-async def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            assert loop.time() < deadline, "daemon did not start listening"
-            await asyncio.sleep(0.1)
-
-
 async def _slow_upload(http: aiohttp.ClientSession, http_port: int, token: str, parts: int):
     """An upload of ``parts`` x 10 kB sent over ``parts`` tenths of a second."""
     async def body():
@@ -59,13 +46,6 @@ async def _slow_upload(http: aiohttp.ClientSession, http_port: int, token: str, 
 
     return await http.post(f"http://127.0.0.1:{http_port}/api/v2/otaUpload?name=fw&productId=1", data=body(),
                            headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"})
-
-
-def _serve(data_dir, http_port: int, mqtt_port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "otad", "serve", "--data-dir", str(data_dir), "--http-host", "127.0.0.1",
-         "--http-port", str(http_port), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port), *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 async def test_serve_runs_admin_commands_alongside_and_stops_on_sigterm(tmp_path):

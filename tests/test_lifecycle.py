@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from tests.conftest import make_settings, start_otad
-from tests.test_bad_input import assert_error
+from tests.helpers import assert_error
 
 COMMAND = "/oc/devices/{}/sys/ota"
 REPORT = "/oc/devices/{}/sys/ota/report"

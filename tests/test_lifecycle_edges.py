@@ -8,8 +8,9 @@ import json
 from tests.conftest import make_settings, start_otad
 from tests.rawmqtt import RawClient, publish_packet
 from tests.simulated_devices import start_fleet, stop_fleet
-from tests.test_bad_input import assert_error
-from tests.test_campaigns import _campaign, _create_body, _register, _wait_for
+from tests.helpers import assert_error
+from tests.helpers import campaign_body as _create_body, get_campaign as _campaign
+from tests.helpers import register_fleet as _register, wait_for_campaign as _wait_for
 
 
 async def _open_upgrades(otad, campaign_id: int) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.test_bad_input import ENVELOPE_KEYS, assert_error
+from tests.helpers import ENVELOPE_KEYS, assert_error
 
 FIRMWARE = b"passive firmware " * 1000
 

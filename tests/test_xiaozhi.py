@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.conftest import make_settings, start_otad
-from tests.test_bad_input import assert_error
+from tests.helpers import assert_error
 
 MAC = "aa:bb:cc:dd:ee:ff"
 FIRMWARE = b"\xe9" + b"xiaozhi image " * 5000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from otad.store import repo
@@ -24,11 +25,16 @@ async def probe_database() -> None:
 class StorageHealth:
     """Which storage is failing writes, and why (``/healthz`` answers 503 while any is).
 
-    Writers report what happens to them (``failing`` / ``ok``); a failing part is also probed
-    (``recheck``), so health comes back by itself when space is freed, even if nobody writes."""
+    Writers report what happens to them (``failing`` / ``ok``); a part that no writer has found
+    failing for a few seconds is probed (``recheck``), so health comes back by itself when space
+    is freed, even if nobody writes. While writers still fail, their word counts, not a probe's
+    (a tiny probe may fit where a real write does not)."""
+
+    PROBE_AFTER = 3.0  # seconds without a writer's failure before a probe may clear a part
 
     def __init__(self) -> None:
         self._problems: dict[str, str] = {}
+        self._failed_at: dict[str, float] = {}
         self._probes: dict[str, Callable[[], Awaitable[None]]] = {}
 
     def add_probe(self, part: str, probe: Callable[[], Awaitable[None]]) -> None:
@@ -37,6 +43,7 @@ class StorageHealth:
 
     def failing(self, part: str, reason: str) -> None:
         self._problems[part] = reason
+        self._failed_at[part] = time.monotonic()
 
     def ok(self, part: str) -> None:
         self._problems.pop(part, None)
@@ -48,12 +55,12 @@ class StorageHealth:
         """Probe every failing part once; return what still fails."""
         for part in list(self._problems):
             probe = self._probes.get(part)
-            if probe is None:
+            if probe is None or time.monotonic() - self._failed_at.get(part, 0.0) < self.PROBE_AFTER:
                 continue
             try:
                 await probe()
-            except Exception as exc:  # still failing: keep the first reason, it names the cause
-                self._problems.setdefault(part, str(exc))
+            except Exception:
+                pass  # still failing: keep the writer's reason, it names the cause
             else:
                 self.ok(part)
         return self.problems()

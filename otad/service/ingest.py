@@ -24,7 +24,7 @@ from otad.service.reports import ReportReply, Reports
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF = 2.0
+_MAX_BACKOFF = 1.0
 
 
 class ReportIngest:
