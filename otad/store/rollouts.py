@@ -105,13 +105,6 @@ async def advance_upgrades(versions: list[str], from_state: str, to_state: str, 
     return moved
 
 
-async def note_upgrade_event(version: str, at: datetime, state: str, source: str, detail: str | None) -> None:
-    """A timeline entry that does not change the state (a duplicate or late report)."""
-    row = await Upgrade.get_or_none(version=version)
-    if row is not None:
-        await UpgradeEvent.create(upgrade_id=row.id, at=at, state=state, source=source, detail=detail, changed=False)
-
-
 async def find_upgrade(version: str) -> UpgradeRecord | None:
     row = await Upgrade.get_or_none(version=version).prefetch_related("device")
     return _upgrade(row, row.device.name) if row else None
