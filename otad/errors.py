@@ -102,6 +102,27 @@ class StillReferenced(OtadError):
     default_message = "存在依赖关系，无法删除"
 
 
+class TooManyRequests(OtadError):
+    """Too many failed attempts from one address or for one account (999, HTTP 429). The reply
+    says when to try again (``retry_after`` seconds, sent as Retry-After)."""
+
+    code = 999
+    status = 429
+    default_message = "失败: too many attempts; try again later"
+
+    def __init__(self, message: str | None = None, retry_after: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnsupportedEncoding(OtadError):
+    """A compressed (or otherwise encoded) request body where none is accepted (1001, HTTP 415)."""
+
+    code = 1001
+    status = 415
+    default_message = "参数无效: Content-Encoding is not accepted here; send the body uncompressed"
+
+
 class StorageUnavailable(OtadError):
     """A write failed for a reason that passes, such as a busy database (HTTP 503). Nothing was
     written; the same request may succeed later."""

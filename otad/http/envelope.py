@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from otad.errors import InvalidInput, NotFound, OtadError
+from otad.errors import InvalidInput, NotFound, OtadError, TooManyRequests
 from otad.http.auth import require_token
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,10 @@ def ok(data: Any = None) -> web.Response:
 
 def failure(error: OtadError, always_http_200: bool) -> web.Response:
     body = {"success": False, "errorCode": error.code, "errorMsg": error.message, "data": None}
-    return web.json_response(body, status=200 if always_http_200 else error.status, dumps=_dumps)
+    response = web.json_response(body, status=200 if always_http_200 else error.status, dumps=_dumps)
+    if isinstance(error, TooManyRequests):
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 # aiohttp's own refusals (no such route, wrong method, body too large) in our envelope.
