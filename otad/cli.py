@@ -229,6 +229,29 @@ def device_add(name: str, product_id: str, config_file: Path | None, **params: A
     click.echo(added[0].password)
 
 
+@device.command("activate")
+@click.argument("code")
+@common_options
+def device_activate(code: str, config_file: Path | None, **params: Any) -> None:
+    """Accept the xiaozhi board whose screen shows CODE: it becomes a device and gets firmware."""
+    accepted = _run(_with_services(_load(config_file, params), lambda s: s.xiaozhi.accept(code)))
+    how = "registered as a new device" if accepted.created_device else "bound to the existing device"
+    click.echo(f"activated xiaozhi board '{accepted.device.name}' (product {accepted.device.product_id}, "
+               f"client {accepted.activation.client_id}): {how}")
+
+
+@device.command("pending")
+@common_options
+def device_pending(config_file: Path | None, **params: Any) -> None:
+    """List xiaozhi boards waiting for activation. Their codes are not shown: read the code off the
+    board's screen, which is what proves the board is yours."""
+    for claim in _run(_with_services(_load(config_file, params), lambda s: s.xiaozhi.pending())):
+        existing = "\texisting device" if claim.existing_device else ""
+        click.echo(f"{claim.device_name}\tclient {claim.client_id}\tproduct {claim.product_id}"
+                   f"\t{claim.board_type or '-'} {claim.app_version or '-'}\tfrom {claim.remote_addr or '-'}"
+                   f"\tlast seen {claim.seen_at:%Y-%m-%d %H:%M:%S}{existing}")
+
+
 from otad.client import register as _register_client_commands  # noqa: E402  (needs main defined)
 
 _register_client_commands(main)

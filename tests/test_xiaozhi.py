@@ -1,4 +1,5 @@
-"""xiaozhi-esp32 boards: a real board's check replayed against per-product pins."""
+"""xiaozhi-esp32 boards: a real board's check replayed against per-product pins (boards activate
+first; the activation flow itself is in test_xiaozhi_activation.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ MAC = "aa:bb:cc:dd:ee:ff"
 FIRMWARE = b"\xe9" + b"xiaozhi image " * 5000
 
 
-def board_headers(mac: str = MAC, version: str = "1.9.2") -> dict[str, str]:
-    return {"Activation-Version": "2", "Device-Id": mac, "Client-Id": str(uuid.uuid4()),
+def client_of(mac: str) -> str:
+    """A board's Client-Id: a UUID it keeps in flash, so the same on every check."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, mac))
+
+
+def board_headers(mac: str = MAC, version: str = "1.9.2", client_id: str | None = None) -> dict[str, str]:
+    return {"Activation-Version": "2", "Device-Id": mac, "Client-Id": client_id or client_of(mac),
             "User-Agent": f"bread-compact-wifi/{version}", "Accept-Language": "zh-CN",
             "Content-Type": "application/json"}
 
@@ -35,14 +41,25 @@ def board_body(mac: str = MAC, version: str = "1.9.2") -> dict:
     }
 
 
-async def check(otad, mac: str = MAC, version: str = "1.9.2", path: str = "/xiaozhi/ota/"):
+async def check(otad, mac: str = MAC, version: str = "1.9.2", path: str = "/xiaozhi/ota/",
+                client_id: str | None = None):
     async with otad.session.post(otad.url + path, json=board_body(mac, version),
-                                 headers=board_headers(mac, version)) as response:
+                                 headers=board_headers(mac, version, client_id)) as response:
         return response.status, await response.json()
+
+
+async def activate_board(otad, mac: str = MAC, client_id: str | None = None) -> dict:
+    """The board checks, is shown a code, and the operator accepts that code over the API."""
+    status, reply = await check(otad, mac, client_id=client_id)
+    assert status == 200 and "activation" in reply, reply
+    status, body = await otad.request("POST", "/api/v2/xiaozhi/activate", json={"code": reply["activation"]["code"]})
+    assert status == 200, body
+    return body["data"]
 
 
 async def _product_with_package(otad, product_id: int = 9) -> dict:
     await otad.add_device(MAC, product_id)
+    await activate_board(otad)
     _, body = await otad.upload("xiaozhi-1.9.3", product_id, FIRMWARE)
     return body["data"]
 
@@ -114,16 +131,21 @@ async def test_check_records_the_boards_inventory(otad):
 async def test_unknown_board_without_default_product_gets_no_upgrade(otad):
     status, reply = await check(otad, mac="11:22:33:44:55:66")
     assert status == 200 and reply["firmware"] == {"version": "1.9.2", "url": ""}
-    assert otad.db_rows("device") == 0
+    assert "activation" not in reply  # boards are not enrolled here: nothing to activate into
+    assert otad.db_rows("device") == 0 and otad.db_rows("xiaozhi_activation") == 0
 
 
-async def test_unknown_board_is_registered_into_the_default_product(tmp_path):
+async def test_unknown_board_joins_the_default_product_once_activated(tmp_path):
     instance = await start_otad(make_settings(tmp_path / "d", **{"xiaozhi.default_product_id": "9"}))
     try:
         _, body = await instance.upload("xiaozhi-1.9.3", 9, FIRMWARE)
         await _pin(instance, body["data"])
         status, reply = await check(instance, mac="11:22:33:44:55:66", path="/xiaozhi/ota")
-        assert status == 200 and reply["firmware"]["version"] == "1.9.3"
+        assert status == 200 and reply["firmware"] == {"version": "1.9.2", "url": ""} and reply["activation"]
+        assert instance.db_rows("device") == 0
+        await activate_board(instance, mac="11:22:33:44:55:66")
+        status, reply = await check(instance, mac="11:22:33:44:55:66", path="/xiaozhi/ota")
+        assert status == 200 and reply["firmware"]["version"] == "1.9.3" and "activation" not in reply
         _, devices = await instance.request("GET", "/api/v2/devices")
         assert [(d["deviceName"], d["productId"], d["appVersion"]) for d in devices["data"]] == [
             ("11:22:33:44:55:66", 9, "1.9.2")]
@@ -208,6 +230,7 @@ async def test_full_width_digits_are_not_a_version(otad):
 
 async def test_a_board_registered_in_upper_case_finds_itself(otad):
     await otad.add_device(MAC.upper(), 9)
+    await activate_board(otad)
     _, body = await otad.upload("xiaozhi-1.9.3", 9, FIRMWARE)
     await _pin(otad, body["data"])
     _, reply = await check(otad)

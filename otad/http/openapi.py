@@ -33,6 +33,8 @@ _DEVICE_NAME = _param("deviceName", required=True, what="the device's name (its 
 _ID = _param("id", required=True, kind="integer")
 _VERSION = _param("version", "path", True, what="the upgrade's id, as sent in the OTA command")
 _CAMPAIGN = _param("id", "path", True, "integer")
+_BOARD_ACTIVATE = {"200": {"description": "accepted"}, "202": {"description": "still waiting for the operator"},
+                   "404": {"description": "no pending activation: check again"}}
 
 # (method, path) -> (summary, parameters, request body, public, responses)
 OPERATIONS: dict[tuple[str, str], tuple[str, list, dict | None, bool, dict]] = {
@@ -65,12 +67,21 @@ OPERATIONS: dict[tuple[str, str], tuple[str, list, dict | None, bool, dict]] = {
     ("delete", "/api/v2/xiaozhi/otaPassive"): ("Delete a xiaozhi pin", [_ID], None, False, _OK),
     ("post", "/xiaozhi/ota/"): ("A xiaozhi board's OTA check (not enveloped)", [
         _param("Device-Id", "header", True), _param("Client-Id", "header", True)], _json(), True,
-        {"200": {"description": "server_time and firmware"}, "400": {"description": "bad request"}}),
+        {"200": {"description": "server_time and firmware, or activation"}, "400": {"description": "bad request"}}),
     ("post", "/xiaozhi/ota"): ("Same, without the trailing slash", [
         _param("Device-Id", "header", True), _param("Client-Id", "header", True)], _json(), True,
-        {"200": {"description": "server_time and firmware"}, "400": {"description": "bad request"}}),
+        {"200": {"description": "server_time and firmware, or activation"}, "400": {"description": "bad request"}}),
     ("get", "/xiaozhi/ota/"): ("Says the endpoint is up", [], None, True, {"200": {"description": "text"}}),
     ("get", "/xiaozhi/ota"): ("Says the endpoint is up", [], None, True, {"200": {"description": "text"}}),
+    ("post", "/api/v2/xiaozhi/activate"): ("Accept the xiaozhi board showing this code; it becomes a device",
+                                           [], _json({"type": "object", "required": ["code"],
+                                                      "properties": {"code": {"type": "string"}}}), False, _OK),
+    ("get", "/api/v2/xiaozhi/pending"): ("xiaozhi boards waiting for activation (without their codes)", [], None,
+                                         False, _OK),
+    ("post", "/xiaozhi/ota/activate"): ("A xiaozhi board's activate call (not enveloped)", [
+        _param("Device-Id", "header", True), _param("Client-Id", "header", True)], _json(), True, _BOARD_ACTIVATE),
+    ("post", "/xiaozhi/ota/activate/"): ("Same, with a trailing slash", [
+        _param("Device-Id", "header", True), _param("Client-Id", "header", True)], _json(), True, _BOARD_ACTIVATE),
     ("get", "/api/v2/upgrades"): ("Upgrade history, newest first, paged", [
         _param("deviceName"), _param("state"), _param("campaign", kind="integer"), _param("page", kind="integer"),
         _param("pageSize", kind="integer")], None, False, _OK),

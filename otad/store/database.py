@@ -12,7 +12,7 @@ from otad.store.models import SchemaVersion
 log = logging.getLogger(__name__)
 
 # Bump when the models change, and add the step to _MIGRATIONS.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> SQL statements that bring a database of version-1 up to version.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Timeline entries fold repeated reports (count, last_at) and say whether they changed the
@@ -24,6 +24,29 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_eve_upgrade_50b992" ON "upgrade_event" ("upgrade_id", "id")',
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_device__d530d0" ON "upgrade" ("device_id", "state")',
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_campaig_31bb25" ON "upgrade" ("campaign_id", "state")',
+    ),
+    # xiaozhi boards activate before they become devices: pending claims (capped, expiring) and
+    # accepted ones (bound to one Client-Id). As generate_schemas creates them on a fresh database.
+    3: (
+        """CREATE TABLE IF NOT EXISTS "xiaozhi_activation" (
+    "id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    "device_name" VARCHAR(64) NOT NULL,
+    "client_id" VARCHAR(64) NOT NULL,
+    "code" VARCHAR(16) UNIQUE,
+    "challenge" VARCHAR(64) NOT NULL,
+    "product_id" BIGINT NOT NULL,
+    "serial_number" VARCHAR(64),
+    "remote_addr" VARCHAR(64),
+    "app_version" VARCHAR(64),
+    "board_type" VARCHAR(128),
+    "created_at" TIMESTAMP NOT NULL,
+    "seen_at" TIMESTAMP NOT NULL,
+    "expires_at" TIMESTAMP,
+    "accepted_at" TIMESTAMP,
+    "device_id" INT REFERENCES "device" ("id") ON DELETE CASCADE,
+    CONSTRAINT "uid_xiaozhi_act_device__266a46" UNIQUE ("device_name", "client_id")
+)""",
+        'CREATE INDEX IF NOT EXISTS "idx_xiaozhi_act_expires_14ad51" ON "xiaozhi_activation" ("expires_at")',
     ),
 }
 

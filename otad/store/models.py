@@ -188,3 +188,34 @@ class Campaign(Model):
 
     class Meta:
         table = "campaign"
+
+
+class XiaozhiActivation(Model):
+    """One xiaozhi board's claim to a name: ``device_name`` (its MAC, the Device-Id header) as seen
+    from ``client_id`` (its Client-Id, a UUID kept in the board's flash).
+
+    Pending (``expires_at`` set, ``device`` null): the board was shown ``code`` and waits for the
+    operator to accept it. Pending rows are capped and expire. Accepted (``expires_at`` null,
+    ``device`` set): the board is that device, bound to that Client-Id; deleting the device deletes
+    the binding."""
+
+    id = fields.IntField(primary_key=True)
+    device_name = fields.CharField(max_length=64)
+    client_id = fields.CharField(max_length=64)
+    code = fields.CharField(max_length=16, null=True, unique=True)  # null once accepted
+    challenge = fields.CharField(max_length=64)
+    product_id = fields.BigIntField()  # the product the board joins when accepted
+    serial_number = fields.CharField(max_length=64, null=True)
+    remote_addr = fields.CharField(max_length=64, null=True)
+    app_version = fields.CharField(max_length=64, null=True)
+    board_type = fields.CharField(max_length=128, null=True)
+    device = fields.ForeignKeyField("models.Device", related_name="xiaozhi_activations", on_delete=fields.CASCADE,
+                                    null=True)
+    created_at = fields.DatetimeField()
+    seen_at = fields.DatetimeField()
+    expires_at = fields.DatetimeField(null=True, db_index=True)
+    accepted_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "xiaozhi_activation"
+        unique_together = (("device_name", "client_id"),)

@@ -1,0 +1,156 @@
+"""xiaozhi board activations: pending claims (capped, expiring) and accepted bindings of a board's
+name to its Client-Id. Only this module touches the ``xiaozhi_activation`` table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from tortoise.expressions import Q
+from tortoise.transactions import in_transaction
+
+from otad.store import repo
+from otad.store.failures import translate_storage_errors
+from otad.store.models import Device, XiaozhiActivation
+from otad.store.records import DeviceRecord
+
+
+@dataclass(frozen=True)
+class BoardClaim:
+    """What a board's check says about it, kept with its pending activation."""
+
+    device_name: str
+    client_id: str
+    product_id: int
+    serial_number: str | None
+    remote_addr: str | None
+    app_version: str | None
+    board_type: str | None
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    id: int
+    device_name: str
+    client_id: str
+    code: str | None  # None once accepted
+    challenge: str
+    product_id: int
+    serial_number: str | None
+    remote_addr: str | None
+    app_version: str | None
+    board_type: str | None
+    created_at: datetime
+    seen_at: datetime
+    expires_at: datetime | None  # None once accepted
+    accepted_at: datetime | None
+    existing_device: bool = False  # pending only: the name is already a device's (listing only)
+
+    @property
+    def accepted(self) -> bool:
+        return self.expires_at is None
+
+
+def _record(row: XiaozhiActivation, existing_device: bool = False) -> ActivationRecord:
+    return ActivationRecord(
+        id=row.id, device_name=row.device_name, client_id=row.client_id, code=row.code, challenge=row.challenge,
+        product_id=row.product_id, serial_number=row.serial_number, remote_addr=row.remote_addr,
+        app_version=row.app_version, board_type=row.board_type, created_at=row.created_at, seen_at=row.seen_at,
+        expires_at=row.expires_at, accepted_at=row.accepted_at, existing_device=existing_device)
+
+
+def _details(claim: BoardClaim) -> dict:
+    return {"product_id": claim.product_id, "serial_number": claim.serial_number, "remote_addr": claim.remote_addr,
+            "app_version": claim.app_version, "board_type": claim.board_type}
+
+
+async def find_board(device_name: str, client_id: str) -> DeviceRecord | None:
+    """The device this board is, if it was accepted under this very Client-Id."""
+    row = await XiaozhiActivation.get_or_none(device_name=device_name, client_id=client_id,
+                                              expires_at__isnull=True, device_id__isnull=False)
+    if row is None:
+        return None
+    device = await repo.find_device(device_name)
+    return device if device is not None and device.id == row.device_id else None
+
+
+@translate_storage_errors
+async def open_pending(claim: BoardClaim, *, now: datetime, expires_at: datetime, refresh_before: datetime,
+                       limit: int, new_code: Callable[[], str], new_challenge: Callable[[], str]) -> ActivationRecord:
+    """The board's pending activation, refreshed (same code, later expiry; only if last seen before
+    ``refresh_before``, so repeated checks cost no write) or new. Before a new one, expired claims
+    are dropped; if ``limit`` pending claims remain, the ones that would expire soonest make room.
+
+    The caller serialises calls (one daemon opens claims; the CLI only accepts them), so the count
+    read here is not raced by another insert."""
+    async with in_transaction():
+        row = await XiaozhiActivation.get_or_none(Q(expires_at__isnull=True) | Q(expires_at__gte=now),
+                                                  device_name=claim.device_name, client_id=claim.client_id)
+        if row is not None and row.expires_at is None:
+            return _record(row)  # accepted since the caller looked: the next check finds the board
+        if row is not None:
+            if await XiaozhiActivation.filter(id=row.id, seen_at__lt=refresh_before).update(
+                    seen_at=now, expires_at=expires_at, **_details(claim)):
+                row = await XiaozhiActivation.get(id=row.id)
+            return _record(row)
+        await XiaozhiActivation.filter(expires_at__lt=now).delete()
+        pending = XiaozhiActivation.filter(expires_at__isnull=False)
+        excess = await pending.count() - limit + 1
+        if excess > 0:
+            oldest = await pending.order_by("expires_at", "id").limit(excess).values_list("id", flat=True)
+            await XiaozhiActivation.filter(id__in=list(oldest)).delete()
+        code = new_code()
+        while await XiaozhiActivation.exists(code=code):
+            code = new_code()
+        row = await XiaozhiActivation.create(
+            device_name=claim.device_name, client_id=claim.client_id, code=code, challenge=new_challenge(),
+            created_at=now, seen_at=now, expires_at=expires_at, **_details(claim))
+        return _record(row)
+
+
+async def find_claim(device_name: str, client_id: str, now: datetime) -> ActivationRecord | None:
+    """The board's live claim under this Client-Id: pending and not expired, or accepted."""
+    row = await XiaozhiActivation.get_or_none(Q(expires_at__isnull=True) | Q(expires_at__gte=now),
+                                              device_name=device_name, client_id=client_id)
+    return _record(row) if row else None
+
+
+async def count_pending() -> int:
+    return await XiaozhiActivation.filter(expires_at__isnull=False).count()
+
+
+async def list_pending(now: datetime) -> list[ActivationRecord]:
+    """Live pending claims, oldest first, each saying whether its name is already a device's."""
+    rows = await XiaozhiActivation.filter(expires_at__gte=now).order_by("created_at", "id")
+    names = set(await Device.filter(name__in=list({row.device_name for row in rows})).values_list("name", flat=True))
+    return [_record(row, row.device_name in names) for row in rows]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    activation: ActivationRecord
+    device: DeviceRecord
+    created_device: bool  # False: the name was already a device (it keeps its product)
+
+
+@translate_storage_errors
+async def accept(code: str, *, now: datetime, password_hash: str) -> Accepted | None:
+    """Accept the live pending claim shown ``code``: the board's name becomes (or already is) a
+    device, bound to the claim's Client-Id; every other claim to that name is dropped. None if no
+    live claim has that code."""
+    async with in_transaction():
+        row = await XiaozhiActivation.get_or_none(code=code, expires_at__gte=now)
+        if row is None:
+            return None
+        device = await Device.get_or_none(name=row.device_name)
+        created = device is None
+        if created:
+            device = await Device.create(name=row.device_name, product_id=row.product_id, password_hash=password_hash)
+        await XiaozhiActivation.filter(device_name=row.device_name).exclude(id=row.id).delete()
+        await XiaozhiActivation.filter(id=row.id).update(code=None, expires_at=None, accepted_at=now,
+                                                         device_id=device.id)
+        row = await XiaozhiActivation.get(id=row.id)
+        record = await repo.find_device(row.device_name)
+        assert record is not None  # written above, in this transaction
+        return Accepted(activation=_record(row), device=record, created_device=created)
