@@ -178,17 +178,25 @@ def token_create(name: str, config_file: Path | None, **params: Any) -> None:
 @token.command("list")
 @common_options
 def token_list(config_file: Path | None, **params: Any) -> None:
-    """List token names (secrets are stored hashed and cannot be shown)."""
+    """List API tokens and live login tokens (secrets are stored hashed and cannot be shown).
+
+    One line each: name, kind (api or login), the user a login token was issued to, creation and
+    expiry (UTC)."""
+    from otad.service.admins import login_token_user
+
     tokens = _run(_with_services(_load(config_file, params), lambda s: s.admins.list_tokens()))
     for record in tokens:
-        click.echo(f"{record.name}\tcreated {record.created_at:%Y-%m-%d %H:%M:%S}")
+        expires = f"{record.expires_at:%Y-%m-%d %H:%M:%S}" if record.expires_at else "never"
+        click.echo(f"{record.name}\t{record.kind}\tuser {login_token_user(record) or '-'}"
+                   f"\tcreated {record.created_at:%Y-%m-%d %H:%M:%S}\texpires {expires}")
 
 
 @token.command("revoke")
 @click.argument("name")
 @common_options
 def token_revoke(name: str, config_file: Path | None, **params: Any) -> None:
-    """Delete a token; requests using it are refused from then on."""
+    """Delete a token (an API token or a login token, by the name `token list` shows); requests
+    using it are refused from then on."""
     _run(_with_services(_load(config_file, params), lambda s: s.admins.revoke_token(name)))
     click.echo(f"revoked token '{name}'")
 
@@ -209,6 +217,36 @@ def user_add(name: str, password: str | None, config_file: Path | None, **params
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     _run(_with_services(settings, lambda s: s.admins.add_user(name, password)))
     click.echo(f"added user '{name}'")
+
+
+@user.command("list")
+@common_options
+def user_list(config_file: Path | None, **params: Any) -> None:
+    """List usernames, one a line."""
+    for name in _run(_with_services(_load(config_file, params), lambda s: s.admins.list_users())):
+        click.echo(name)
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password", help="the new password (prompted for when omitted)")
+@common_options
+def user_passwd(name: str, password: str | None, config_file: Path | None, **params: Any) -> None:
+    """Change a user's password; their login tokens are revoked."""
+    settings = _load(config_file, params)
+    if password is None:
+        password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    revoked = _run(_with_services(settings, lambda s: s.admins.change_password(name, password)))
+    click.echo(f"changed the password of user '{name}'; revoked {revoked} login token(s)")
+
+
+@user.command("delete")
+@click.argument("name")
+@common_options
+def user_delete(name: str, config_file: Path | None, **params: Any) -> None:
+    """Delete a user and revoke their login tokens."""
+    revoked = _run(_with_services(_load(config_file, params), lambda s: s.admins.delete_user(name)))
+    click.echo(f"deleted user '{name}'; revoked {revoked} login token(s)")
 
 
 @main.group()

@@ -29,6 +29,12 @@ class HttpSettings:
     port: int
     max_upload_size: int
     shutdown_timeout: float
+    login_max_failures: int = 10  # failed logins per address or username within login_window
+    login_window: float = 300.0  # seconds over which failed logins are counted
+    head_timeout: float = 15.0  # seconds for a request head, from its first byte
+    body_timeout: float = 60.0  # seconds a request body may go without sending a byte
+    keepalive_timeout: float = 30.0  # seconds a keep-alive connection may sit idle between requests
+    max_connections: int = 0  # open HTTP connections; 0: a share of the open-file limit
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,13 @@ def _parse_int(raw: Any) -> int:
     if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
         return int(raw)
     raise ValueError(f"must be an integer (got {raw!r})")
+
+
+def _parse_count(raw: Any) -> int:
+    value = _parse_int(raw)
+    if value < 0:
+        raise ValueError(f"must be 0 or more (got {raw!r})")
+    return value
 
 
 def _parse_positive_int(raw: Any) -> int:
@@ -263,6 +276,12 @@ KEYS: tuple[Key, ...] = (
     Key("http.port", _parse_port, 8080, qualified=True),
     Key("http.max_upload_size", _parse_size, 1024**3),
     Key("http.shutdown_timeout", _parse_positive_float, 10.0),
+    Key("http.login_max_failures", _parse_positive_int, 10),
+    Key("http.login_window", _parse_positive_float, 300.0),
+    Key("http.head_timeout", _parse_positive_float, 15.0),
+    Key("http.body_timeout", _parse_positive_float, 60.0),
+    Key("http.keepalive_timeout", _parse_positive_float, 30.0),
+    Key("http.max_connections", _parse_count, 0, qualified=True),
     Key("mqtt.host", _parse_host, "0.0.0.0", qualified=True),
     Key("mqtt.port", _parse_port, 1883, qualified=True),
     Key("mqtt.allow_anonymous", _parse_bool, False),
@@ -351,6 +370,12 @@ def load_settings(
             port=values["http.port"],
             max_upload_size=values["http.max_upload_size"],
             shutdown_timeout=values["http.shutdown_timeout"],
+            login_max_failures=values["http.login_max_failures"],
+            login_window=values["http.login_window"],
+            head_timeout=values["http.head_timeout"],
+            body_timeout=values["http.body_timeout"],
+            keepalive_timeout=values["http.keepalive_timeout"],
+            max_connections=values["http.max_connections"],
         ),
         mqtt=MqttSettings(
             host=values["mqtt.host"],

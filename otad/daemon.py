@@ -12,6 +12,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 from aiohttp import web
@@ -20,7 +21,10 @@ from otad import systemd
 from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import FirmwareStore
+from otad import limits
 from otad.http.app import ACCESS_LOG_FORMAT, create_app
+from otad.http.connections import ConnectionGuard, ResponseEndLogger
+from otad.limits import raise_open_file_limit
 from otad.metrics import Metrics
 from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _MAINTENANCE_INTERVAL = 5.0
 _CAMPAIGN_TICK = 0.5
+# What aiohttp's own shutdown waits for handlers after ours has waited shutdown_timeout: closing
+# then must not take another whole timeout.
+_AIOHTTP_SHUTDOWN_GRACE = 0.5
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -94,15 +101,20 @@ class Daemon:
         self.services: Services | None = None
         self._stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()
+        self._file_limit = raise_open_file_limit()  # logged once the daemon starts
+        self.budget = limits.share(self._file_limit.soft, settings.http.max_connections,
+                                   settings.mqtt.max_connections)
+        self.connections = ConnectionGuard(self.budget.http_connections, settings.http.head_timeout, self.metrics)
         self._observer = RequestObserver(self.metrics)
-        self._broker = EmbeddedBroker(settings.mqtt, self.metrics)
+        self._broker = EmbeddedBroker(replace(settings.mqtt, max_connections=self.budget.mqtt_connections),
+                                      self.metrics)
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
 
     @property
     def http_port(self) -> int:
-        assert self._runner is not None
-        return self._runner.addresses[0][1]
+        assert self._listener is not None
+        return self._listener.sockets[0].getsockname()[1]
 
     @property
     def mqtt_port(self) -> int:
@@ -126,7 +138,9 @@ class Daemon:
         firmware.prepare()
         self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size,
                                                   settings.xiaozhi.default_product_id, settings.upgrade.timeout,
-                                                  self._clock, settings.upgrade.timeline_limit)
+                                                  self._clock, settings.upgrade.timeline_limit,
+                                                  settings.http.login_max_failures, settings.http.login_window)
+        self._stack.callback(services.admins.close)  # the password-hashing threads, last
         services.health.add_probe(DATABASE, probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
@@ -154,18 +168,24 @@ class Daemon:
         rollouts = asyncio.create_task(self._roll_out(services), name="otad-campaigns")
         self._stack.push_async_callback(_cancel, rollouts)
 
-        app = create_app(services, settings, self._observer, self.metrics, self.health)
-        self._runner = web.AppRunner(app, shutdown_timeout=settings.http.shutdown_timeout,
-                                     access_log_format=ACCESS_LOG_FORMAT)
+        app = create_app(services, settings, self._observer, self.metrics, self.health, self.connections)
+        # Bodies are read raw (a compressed one is refused, never inflated on the event loop), and
+        # aiohttp closes idle keep-alive connections; the guard handles heads and the cap.
+        self._runner = web.AppRunner(app, shutdown_timeout=_AIOHTTP_SHUTDOWN_GRACE, access_log_format=ACCESS_LOG_FORMAT,
+                                     access_log_class=ResponseEndLogger, auto_decompress=False,
+                                     keepalive_timeout=settings.http.keepalive_timeout)
         await self._runner.setup()
         self._stack.push_async_callback(self._stop_http)
-        self._site = web.TCPSite(self._runner, settings.http.host, settings.http.port, reuse_address=True)
         try:
-            await self._site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                self.connections.factory(self._runner.server), settings.http.host, settings.http.port,
+                reuse_address=True, backlog=128)
         except OSError as exc:
             raise StartupError(f"cannot listen for HTTP on {settings.http.host}:{settings.http.port}: "
                                f"{exc.strerror or exc}") from None
-        log.info("HTTP API listening on %s:%d", settings.http.host, self.http_port)
+        log.info("HTTP API listening on %s:%d (at most %d connections; MQTT at most %d; %s)",
+                 settings.http.host, self.http_port, self.budget.http_connections, self.budget.mqtt_connections,
+                 self._file_limit.describe())
 
     async def alive(self) -> dict[str, bool]:
         """What the systemd watchdog checks: the broker serves, the database answers. A full disk
@@ -204,11 +224,14 @@ class Daemon:
             await asyncio.sleep(_CAMPAIGN_TICK)
 
     async def _stop_http(self) -> None:
+        """Stop listening, give in-flight requests (downloads included) ``shutdown_timeout`` in
+        all, then close what is left."""
         assert self._runner is not None
-        if self._site is not None:
-            await self._site.stop()  # no new connections
-            if not await self._observer.wait_idle(self.settings.http.shutdown_timeout):
-                log.warning("requests still running after %.0f s; closing them", self.settings.http.shutdown_timeout)
+        if self._listener is not None:
+            self._listener.close()  # no new connections
+            timeout = self.settings.http.shutdown_timeout
+            if not await self._observer.wait_idle(timeout):
+                log.warning("requests still running after %.0f s; closing them", timeout)
         await self._runner.cleanup()
 
     async def stop(self) -> None:

@@ -18,6 +18,9 @@ class Metrics:
         self.mqtt_messages_out = Counter("otad_mqtt_messages_sent", "PUBLISH packets sent to clients", registry=r)
         self.mqtt_refused = Counter("otad_mqtt_connections_refused", "MQTT connections refused", ["reason"],
                                     registry=r)
+        self.http_refused = Counter("otad_http_connections_refused",
+                                    "HTTP connections refused or closed to make room, by reason", ["reason"],
+                                    registry=r)
         self.upgrades = Gauge("otad_upgrades", "Upgrades by state", ["state"], registry=r)
         self.campaign_devices = Gauge("otad_campaign_upgrades", "Upgrades of each campaign by state",
                                       ["campaign", "state"], registry=r)

@@ -236,9 +236,12 @@ async def test_unstorable_text_and_odd_bodies_are_400_not_500(otad):
     status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b'{}',
                                       headers={"Content-Type": "application/json; charset=bogus"})
     assert_error(status, body, 400, 1001)
-    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b"[" * 100_000,
+    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b"[" * 60_000,
                                       headers={"Content-Type": "application/json"})
     assert_error(status, body, 400, 1001)
+    status, body = await otad.request("POST", "/api/v2/login", auth=False, data=b"[" * 100_000,
+                                      headers={"Content-Type": "application/json"})
+    assert_error(status, body, 413, 1001)  # login bodies are small
 
 
 async def test_upload_with_a_non_utf8_file_name_is_kept_with_a_safe_name(otad):

@@ -9,7 +9,8 @@ from aiohttp import web
 from otad.config import Settings
 from otad.http import (admin_routes, campaign_routes, download, openapi, ops_routes, passive_routes,
                        upgrade_routes, xiaozhi_routes)
-from otad.http.envelope import ALWAYS_HTTP_200, envelope_middleware
+from otad.http.connections import CONNECTIONS, ConnectionGuard
+from otad.http.envelope import ALWAYS_HTTP_200, MAX_JSON_BODY, envelope_middleware
 from otad.http.observe import RequestObserver
 from otad.http.keys import HEALTH, METRICS, SERVICES, SETTINGS
 from otad.metrics import Metrics
@@ -21,10 +22,14 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" request_id=%{X-Request-
 
 
 def create_app(services: Services, settings: Settings, observer: RequestObserver, metrics: Metrics,
-               health: Callable[[], Awaitable[dict[str, bool | str]]]) -> web.Application:
-    # Uploads are streamed and limited by the service; client_max_size bounds the JSON bodies only.
+               health: Callable[[], Awaitable[dict[str, bool | str]]],
+               connections: ConnectionGuard | None = None) -> web.Application:
+    # Uploads are streamed and limited by the service; JSON bodies are read with a limit per
+    # endpoint (envelope.read_json); client_max_size is only the outer bound for anything else.
     app = web.Application(middlewares=[observer.middleware, envelope_middleware],
-                          client_max_size=16 * 1024 * 1024)
+                          client_max_size=MAX_JSON_BODY)
+    if connections is not None:
+        app[CONNECTIONS] = connections
     app.on_response_prepare.append(observer.on_response_prepare)
     app[SERVICES] = services
     app[SETTINGS] = settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,19 +35,60 @@ class FirmwareResponse(web.FileResponse):
         return super()._get_file_path_stat_encoding("")
 
     async def prepare(self, request: web.BaseRequest):
-        writer = await super().prepare(await _without_stale_range(request, self._path))
+        try:
+            request = await _without_stale_range(request, self._path)
+        except UnsatisfiableRange:
+            return await self._unsatisfiable(request)
+        writer = await super().prepare(request)
         if self._on_sent is not None and request.method == "GET" and self.status in (200, 206):
             self._on_sent(self.content_length or 0)
         return writer
+
+    async def _unsatisfiable(self, request: web.BaseRequest):
+        """416 with the size, as RFC 9110 section 15.5.17 asks."""
+        try:
+            size = (await asyncio.to_thread(self._path.stat)).st_size
+        except OSError:
+            size = 0
+        self.set_status(416)
+        self.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
+        self.content_length = 0
+        return await web.StreamResponse.prepare(self, request)
+
+
+def _without_range(request: web.BaseRequest) -> web.BaseRequest:
+    headers = CIMultiDict(request.headers)
+    headers.popall(hdrs.RANGE, None)
+    headers.popall(hdrs.IF_RANGE, None)
+    return request.clone(headers=headers)
+
+
+# "bytes=-0" and the like: the last zero bytes, a range that selects nothing.
+_EMPTY_SUFFIX = re.compile(r"\s*bytes\s*=\s*-\s*0+\s*", re.IGNORECASE)
+
+
+class UnsatisfiableRange(Exception):
+    pass
 
 
 async def _without_stale_range(request: web.BaseRequest, path: Path) -> web.BaseRequest:
     """aiohttp compares If-Range only as a date and serves a stale range when it holds an ETag
     (stack-notes). A range is only valid for the representation the client started with, so unless
     If-Range names our current ETag, or is a date (which aiohttp checks), we drop Range and send the
-    whole file with 200 (RFC 9110 section 13.1.5)."""
+    whole file with 200 (RFC 9110 section 13.1.5).
+
+    Also: several ranges in one request (aiohttp answers 416) get the whole file with 200, which
+    RFC 9110 section 14.2 allows, rather than a multipart reply no firmware client parses; and a
+    suffix of zero bytes is unsatisfiable (416; aiohttp sent the whole file as 206)."""
+    range_header = request.headers.get(hdrs.RANGE)
+    if range_header is None:
+        return request
+    if _EMPTY_SUFFIX.fullmatch(range_header):
+        raise UnsatisfiableRange()
+    if "," in range_header:
+        return _without_range(request)
     if_range = request.headers.get(hdrs.IF_RANGE)
-    if hdrs.RANGE not in request.headers or if_range is None:
+    if if_range is None:
         return request
     if request.if_range is not None:
         return request  # an HTTP date: aiohttp compares it with the file's mtime
@@ -56,10 +98,7 @@ async def _without_stale_range(request: web.BaseRequest, path: Path) -> web.Base
         return request  # FileResponse answers 404 itself
     if if_range.strip() == f'"{_etag_of(stat)}"':
         return request
-    headers = CIMultiDict(request.headers)
-    del headers[hdrs.RANGE]
-    del headers[hdrs.IF_RANGE]
-    return request.clone(headers=headers)
+    return _without_range(request)
 
 
 def _disposition(name: str) -> str:

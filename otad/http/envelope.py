@@ -3,14 +3,17 @@ checks the token (default deny) and turns domain errors (and anything unexpected
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, hdrs, web
+from aiohttp.streams import EofStream
 
-from otad.errors import InvalidInput, NotFound, OtadError, TooManyRequests
+from otad.errors import InvalidInput, NotFound, OtadError, TooLarge, TooManyRequests, UnsupportedEncoding
 from otad.http.auth import require_token
+from otad.http.keys import SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,55 @@ async def envelope_middleware(request: web.Request, handler) -> web.StreamRespon
         error = kind(f"{kind.default_message}: {exc.reason}")
         error.status = exc.status
         return failure(error, always_200)
+    except (ConnectionResetError, ClientConnectionResetError, asyncio.IncompleteReadError, EofStream) as exc:
+        # The client went away mid-request (an aborted upload): nothing to answer, nothing broken.
+        log.info("%s %s: the client closed the connection mid-request (%s)", request.method, request.path,
+                 type(exc).__name__)
+        return failure(InvalidInput("参数无效: the request ended before its body was complete"), always_200)
     except Exception:
         # The traceback goes to the log; the client gets a short message and no internals.
         log.exception("%s %s failed", request.method, request.path)
         return failure(OtadError("失败: internal error, see the server log"), always_200)
 
 
-async def read_json(request: web.Request) -> Any:
+# Request bodies, as sent (compressed ones are refused, so this is also their decoded size): small
+# for login, pins and the xiaozhi check, larger only for registering devices in bulk.
+SMALL_JSON_BODY = 64 * 1024
+MAX_JSON_BODY = 4 * 1024 * 1024
+
+
+def refuse_encoded_body(request: web.BaseRequest) -> None:
+    """No compressed request bodies: inflating them would be the client's choice of our memory
+    and CPU (16 KiB of gzip on the wire is 16 MiB of JSON)."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncoding()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, at most ``limit`` bytes (TooLarge past it), each read within the body timeout."""
+    refuse_encoded_body(request)
+    too_large = TooLarge(f"参数无效: the request body is over {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    timeout = request.app[SETTINGS].http.body_timeout
+    body = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await request.content.read(65536)
+        except TimeoutError:
+            raise InvalidInput(f"参数无效: the request body sent nothing for {timeout:g} s") from None
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+
+
+async def read_json(request: web.Request, limit: int = SMALL_JSON_BODY) -> Any:
+    body = await read_body(request, limit)
     try:
-        return await request.json(loads=json.loads)
+        return json.loads(body.decode(request.charset or "utf-8"))
     except (ValueError, LookupError, RecursionError):  # bad JSON, unknown charset, absurd nesting
         raise InvalidInput("参数无效: the request body is not valid JSON") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from aiohttp import web
 from otad.metrics import Metrics
 
 _STARTED = web.RequestKey("otad_started", float)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class RequestObserver:
@@ -35,7 +37,9 @@ class RequestObserver:
     async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
         self._count += 1
         self._idle.clear()
-        request_id = request.headers.get("X-Request-Id") or os.urandom(8).hex()
+        request_id = request.headers.get("X-Request-Id", "")
+        if not _REQUEST_ID.fullmatch(request_id):  # echoed and logged: only short, plain ids
+            request_id = os.urandom(8).hex()
         request[_STARTED] = time.perf_counter()
         try:
             response = await handler(request)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from otad.http.auth import public
 from otad.http.envelope import ok, read_json
 from otad.http.keys import SERVICES, SETTINGS
-from otad.http.urls import download_url
+from otad.http.urls import download_path
 from otad.http.views import passive_pin_saved_view, passive_pin_view, passive_poll_view
 
 routes = web.RouteTableDef()
@@ -30,23 +32,27 @@ async def unpin(request: web.Request) -> web.Response:
     return ok()
 
 
-# (device, download base) -> (the pin it was rendered from, the reply body). Devices poll all day and
-# the answer only changes with the pin, which the service hands out as the same object until then.
+# device -> (the pin it was rendered from, the reply before and after the download base). Devices
+# poll all day and the answer only changes with the pin, which the service hands out as the same
+# object until then. Keyed only by what the server controls: an existing device with a pin (so no
+# bigger than the registry); the base, which may come from the client's Host header, is put in
+# per request.
 POLL_REPLIES = web.AppKey("poll_replies", dict)
-_MAX_CACHED = 50_000
+_MARK = "\0otad-download-base\0"  # no URL contains NUL characters
+_MARK_JSON = json.dumps(_MARK)[1:-1].encode()  # how it appears in the rendered reply
 
 
 @routes.get("/api/v2/otaPassiveEnable")
 @public
 async def poll(request: web.Request) -> web.Response:
     pin = await request.app[SERVICES].passive.for_device(request.rel_url.query.get("deviceName"))
-    public_url = request.app[SETTINGS].public_url
-    key = (pin.device_name, public_url or f"{request.scheme}://{request.host}")
     replies = request.app[POLL_REPLIES]
-    cached = replies.get(key)
+    cached = replies.get(pin.device_name)
     if cached is None or cached[0] is not pin:
-        if len(replies) >= _MAX_CACHED:  # Host headers are the client's to choose: keep this bounded
-            replies.clear()
-        cached = replies[key] = (pin, ok(passive_poll_view(pin, download_url(request, public_url,
-                                                                              pin.package.file_name))).body)
-    return web.Response(body=cached[1], content_type="application/json", charset="utf-8")
+        body = ok(passive_poll_view(pin, _MARK + download_path(pin.package.file_name))).body
+        head, _, tail = body.partition(_MARK_JSON)
+        cached = replies[pin.device_name] = (pin, head, tail)
+    public_url = request.app[SETTINGS].public_url
+    base = public_url or f"{request.scheme}://{request.host}"
+    body = cached[1] + json.dumps(base, ensure_ascii=False)[1:-1].encode() + cached[2]
+    return web.Response(body=body, content_type="application/json", charset="utf-8")

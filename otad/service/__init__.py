@@ -12,6 +12,7 @@ from otad.service.campaigns import Campaigns
 from otad.service.devices import DeviceRegistry
 from otad.service.health import StorageHealth
 from otad.service.ingest import ReportIngest
+from otad.service.login_guard import DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, LoginGuard
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
@@ -46,14 +47,15 @@ class Services:
 
 def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
                    xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
-                   clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100) -> Services:
+                   clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100,
+                   login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW) -> Services:
     devices = DeviceRegistry(publisher)
     upgrades = UpgradeService(devices, publisher, upgrade_timeout, clock)
     health = StorageHealth()
     reports = Reports(upgrades, timeline_limit)
     campaigns = Campaigns(upgrades, devices, upgrade_timeout)
     return Services(
-        admins=AdminAuth(),
+        admins=AdminAuth(guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,
         packages=PackageCatalog(firmware, upgrades, max_upload_size, health),
         upgrades=upgrades,

@@ -1,22 +1,38 @@
-"""Admin access: API tokens (CLI-made or from login) and user accounts."""
+"""Admin access: API tokens (CLI-made or from login) and user accounts.
+
+Passwords are hashed (scrypt, deliberately slow) on a small executor of our own, never asyncio's
+default one: that one opens and stats the firmware files being downloaded, and a login flood on
+it would stall every download. The login guard refuses guessing before any hash is computed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import TypeVar
 
 from otad.errors import Conflict, InvalidInput, MissingInput, NoSuchAccount, NotFound, NotLoggedIn, WrongPassword
 from otad.service import credentials
 from otad.service.clock import utc_now
+from otad.service.login_guard import LoginGuard
 from otad.service.validation import is_clean_text
 from otad.store import repo
 from otad.store.records import TokenRecord
 
 # The original platform's login tokens last 7 days (protocol.md section 2).
 LOGIN_TOKEN_LIFETIME = timedelta(days=7)
+# A username cannot hold ':', so "login:{username}:" names exactly one user's login tokens.
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_LOGIN_TOKEN = "login"
+# scrypt releases the GIL and keeps a core busy per worker: leave one core to the event loop.
+HASH_WORKERS = min(2, max(1, (os.cpu_count() or 1) - 1))
+HASH_THREAD_PREFIX = "otad-password-hash"
+T = TypeVar("T")
 
 
 def _check_name(name: str, what: str) -> str:
@@ -25,9 +41,44 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def _check_password(password: str) -> None:
+    if not password:
+        raise MissingInput("参数缺失: password")
+    if not is_clean_text(password):
+        raise InvalidInput("参数无效: the password holds control characters or invalid Unicode")
+
+
+def _login_token_prefix(username: str) -> str:
+    return f"{_LOGIN_TOKEN}:{username}:"
+
+
+def login_token_user(token: TokenRecord) -> str | None:
+    """The user a login token was issued to (its name is ``login:{username}:{hex}``), else None."""
+    if token.kind != _LOGIN_TOKEN:
+        return None
+    _, _, rest = token.name.partition(":")
+    return rest.rpartition(":")[0] or None
+
+
 class AdminAuth:
-    def __init__(self, now=utc_now) -> None:
+    """API tokens, users and login. Owns the password-hashing executor: call ``close`` at shutdown."""
+
+    def __init__(self, now=utc_now, guard: LoginGuard | None = None) -> None:
         self._now = now
+        self.guard = guard if guard is not None else LoginGuard()
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _hash(self, function: Callable[..., T], *args: str) -> T:
+        """Run a password hash on the hashing executor (made on first use)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=HASH_WORKERS, thread_name_prefix=HASH_THREAD_PREFIX)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def close(self) -> None:
+        """Stop the hashing executor; hashes still queued are cancelled (their logins fail)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def create_token(self, name: str) -> str:
         """Create a named, non-expiring API token and return its secret (shown once)."""
@@ -40,7 +91,10 @@ class AdminAuth:
         return secret
 
     async def list_tokens(self) -> list[TokenRecord]:
-        return await repo.list_tokens("api")
+        """Every live token: the CLI-made API tokens and the unexpired login tokens."""
+        now = self._now()
+        return [token for token in await repo.list_tokens()
+                if token.expires_at is None or token.expires_at > now]
 
     async def revoke_token(self, name: str) -> None:
         if not await repo.delete_token(name):
@@ -48,33 +102,65 @@ class AdminAuth:
 
     async def add_user(self, username: str, password: str) -> None:
         _check_name(username, "username")
-        if not password:
-            raise MissingInput("参数缺失: password")
-        if not is_clean_text(password):
-            raise InvalidInput("参数无效: the password holds control characters or invalid Unicode")
-        hashed = await asyncio.to_thread(credentials.hash_password, password)
+        _check_password(password)
+        hashed = await self._hash(credentials.hash_password, password)
         try:
             await repo.insert_user(username, hashed)
         except repo.Duplicate:
             raise Conflict(f"参数无效: user '{username}' exists") from None
 
-    async def login(self, username: object, password: object) -> str:
-        """Check a user's password and return ``"Bearer <token>"`` as the original platform does."""
+    async def list_users(self) -> list[str]:
+        return await repo.list_usernames()
+
+    async def change_password(self, username: str, password: str) -> int:
+        """Set a user's password and revoke their login tokens (whoever held the old password may
+        hold one); return how many were revoked."""
+        _check_password(password)
+        hashed = await self._hash(credentials.hash_password, password)
+        revoked = await repo.set_user_password(username, hashed, _login_token_prefix(username))
+        if revoked is None:
+            raise NotFound(f"参数无效: no user named '{username}'")
+        return revoked
+
+    async def delete_user(self, username: str) -> int:
+        """Delete a user and revoke their login tokens; return how many were revoked."""
+        revoked = await repo.delete_user(username, _login_token_prefix(username))
+        if revoked is None:
+            raise NotFound(f"参数无效: no user named '{username}'")
+        return revoked
+
+    async def login(self, username: object, password: object, source: str | None = None) -> str:
+        """Check a user's password and return ``"Bearer <token>"`` as the original platform does.
+
+        ``source`` is the client's address. Past the guard's limit for it or for the username the
+        answer is TooManyRequests, before the database or a hash is touched."""
         if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
             raise MissingInput("参数缺失: username and password are required")
+        self.guard.admit(source, username)
         user = await repo.find_user(username) if _NAME.fullmatch(username) else None
         if user is None:
             raise NoSuchAccount()
         if not is_clean_text(password):
             raise WrongPassword()
-        if not await asyncio.to_thread(credentials.password_matches, password, user.password_hash):
+        if not await self._hash(credentials.password_matches, password, user.password_hash):
             raise WrongPassword()
+        self.guard.succeeded(source, username)
+        return f"Bearer {await self._issue_login_token(username, user.password_hash)}"
+
+    async def _issue_login_token(self, username: str, password_hash: str) -> str:
         now = self._now()
         await repo.delete_expired_tokens(now)
         secret = credentials.new_secret()
-        name = f"login:{username}:{uuid.uuid4().hex[:12]}"
-        await repo.insert_token(name, credentials.hash_secret(secret), "login", now + LOGIN_TOKEN_LIFETIME)
-        return f"Bearer {secret}"
+        name = f"{_login_token_prefix(username)}{uuid.uuid4().hex[:12]}"
+        await repo.insert_token(name, credentials.hash_secret(secret), _LOGIN_TOKEN, now + LOGIN_TOKEN_LIFETIME)
+        # `otad user delete` / `passwd` (maybe another process) may have run while the password was
+        # hashed. They revoke the user's tokens in the same transaction as the change, so a token
+        # inserted before it is revoked with it, and one inserted after it sees the change here.
+        current = await repo.find_user(username)
+        if current is None or current.password_hash != password_hash:
+            await repo.delete_token(name)
+            raise NoSuchAccount() if current is None else WrongPassword()
+        return secret
 
     async def check_authorization(self, header: str | None) -> TokenRecord:
         """Accept ``Bearer <token>`` or the bare token; raise NotLoggedIn otherwise."""

@@ -64,8 +64,10 @@ async def find_token(token_hash: str) -> TokenRecord | None:
     return _token(row) if row else None
 
 
-async def list_tokens(kind: str) -> list[TokenRecord]:
-    return [_token(row) for row in await ApiToken.filter(kind=kind).order_by("name")]
+async def list_tokens(kind: str | None = None) -> list[TokenRecord]:
+    """The tokens of one kind ("api" or "login"), or of every kind, by name."""
+    query = ApiToken.all() if kind is None else ApiToken.filter(kind=kind)
+    return [_token(row) for row in await query.order_by("name")]
 
 
 async def delete_token(name: str) -> bool:
@@ -86,6 +88,36 @@ async def insert_user(username: str, password_hash: str) -> None:
 async def find_user(username: str) -> UserRecord | None:
     row = await User.get_or_none(username=username)
     return UserRecord(id=row.id, username=row.username, password_hash=row.password_hash) if row else None
+
+
+async def list_usernames() -> list[str]:
+    return list(await User.all().order_by("username").values_list("username", flat=True))
+
+
+async def _delete_login_tokens(name_prefix: str) -> int:
+    # Matched here rather than with LIKE: SQLite's LIKE ignores case and treats '_' (allowed in
+    # usernames) as a wildcard, so it would revoke another user's tokens too.
+    names = [name for name in await ApiToken.filter(kind="login").values_list("name", flat=True)
+             if name.startswith(name_prefix)]
+    return await ApiToken.filter(name__in=names).delete() if names else 0
+
+
+async def set_user_password(username: str, password_hash: str, token_prefix: str) -> int | None:
+    """Replace a user's password hash and delete the login tokens named ``token_prefix...`` in one
+    transaction; the number of tokens deleted, or None if there is no such user."""
+    async with in_transaction():
+        if not await User.filter(username=username).update(password_hash=password_hash):
+            return None
+        return await _delete_login_tokens(token_prefix)
+
+
+async def delete_user(username: str, token_prefix: str) -> int | None:
+    """Delete a user and the login tokens named ``token_prefix...`` in one transaction; the number
+    of tokens deleted, or None if there is no such user."""
+    async with in_transaction():
+        if not await User.filter(username=username).delete():
+            return None
+        return await _delete_login_tokens(token_prefix)
 
 
 # --- devices ---
