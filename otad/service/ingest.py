@@ -35,6 +35,7 @@ class ReportIngest:
         self._pending: deque[tuple[str, bytes, asyncio.Future[ReportReply]]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._failures = RateLimitedLog(log, "report batches not written")
         self.applied = 0  # reports committed since start (bench/ and metrics)
 
@@ -67,8 +68,6 @@ class ReportIngest:
         for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
-
-    _stopping = False
 
     async def _run(self) -> None:
         while not self._stopping:
