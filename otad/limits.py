@@ -49,10 +49,10 @@ def raise_open_file_limit() -> FileLimit:
 
 
 def share(limit: int, http_configured: int, mqtt_configured: int) -> FileBudget:
-    """HTTP gets a quarter of what the reserve leaves (or what is configured, up to half), counted
-    twice since a download holds the socket and the file; MQTT gets the rest (or less, if its
-    own limit is lower)."""
+    """HTTP gets an eighth of what the reserve leaves (or what is configured, up to half), counted
+    twice since a download holds the socket and the file; MQTT, where the fleet is, gets the rest
+    (or less, if its own limit is lower)."""
     available = max(16, limit - RESERVE)
-    http = min(http_configured, available // 2) if http_configured else max(8, available // 4)
+    http = min(http_configured, available // 2) if http_configured else max(8, available // 8)
     mqtt = max(8, min(mqtt_configured, available - 2 * http))
     return FileBudget(limit=limit, http_connections=http, mqtt_connections=mqtt)

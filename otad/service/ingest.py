@@ -28,7 +28,7 @@ _MAX_BACKOFF = 1.0
 
 
 class ReportIngest:
-    def __init__(self, reports: Reports, health: StorageHealth, max_batch: int = 1000) -> None:
+    def __init__(self, reports: Reports, health: StorageHealth, max_batch: int = 500) -> None:
         self._reports = reports
         self._health = health
         self._max_batch = max_batch

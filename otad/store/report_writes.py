@@ -11,11 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from tortoise.functions import Count, Max
+from tortoise import connections
 from tortoise.transactions import in_transaction
 
 from otad.store.failures import translate_storage_errors
-from otad.store.models import Upgrade, UpgradeEvent
 
 # Rows per statement: SQLite allows 32,766 bound values per statement; 7 per row stays far below.
 _ROWS_PER_STATEMENT = 500
@@ -89,27 +88,25 @@ class ReportWrites:
 @translate_storage_errors
 async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget]:
     """The upgrades named by ``versions`` (those that exist), each with its last timeline entry
-    and how many entries it keeps that changed nothing."""
+    and how many entries it keeps that changed nothing: one query per chunk of the batch."""
     wanted = list(set(versions))
     targets: dict[str, ReportTarget] = {}
+    conn = connections.get("default")
     for chunk in _chunks(wanted):
-        rows = await Upgrade.filter(version__in=chunk).values(
-            "id", "version", "device_id", "device__name", "state", "progress", "campaign_id", "stage")
+        rows = await conn.execute_query_dict(
+            'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
+            'u."campaign_id", u."stage", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
+            '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND n."changed" = 0) AS notes '
+            'FROM "upgrade" u JOIN "device" d ON d."id" = u."device_id" '
+            'LEFT JOIN "upgrade_event" e ON e."id" = '
+            '(SELECT MAX(m."id") FROM "upgrade_event" m WHERE m."upgrade_id" = u."id") '
+            f'WHERE u."version" IN ({", ".join("?" for _ in chunk)})', list(chunk))
         for row in rows:
             targets[row["version"]] = ReportTarget(
-                id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device__name"],
-                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"], stage=row["stage"])
-    by_id = {target.id: target for target in targets.values()}
-    for chunk in _chunks(list(by_id)):
-        last_ids = [row["last"] for row in await UpgradeEvent.filter(upgrade_id__in=chunk).annotate(
-            last=Max("id")).group_by("upgrade_id").values("upgrade_id", "last")]
-        for row in await UpgradeEvent.filter(id__in=last_ids).values("id", "upgrade_id", "state", "source"):
-            target = by_id[row["upgrade_id"]]
-            target.last_event_id, target.last_event_state, target.last_event_source = (
-                row["id"], row["state"], row["source"])
-        for row in await UpgradeEvent.filter(upgrade_id__in=chunk, changed=False).annotate(
-                n=Count("id")).group_by("upgrade_id").values("upgrade_id", "n"):
-            by_id[row["upgrade_id"]].notes = row["n"]
+                id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device_name"],
+                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"], stage=row["stage"],
+                last_event_id=row["last_id"], last_event_state=row["last_state"],
+                last_event_source=row["last_source"], notes=row["notes"])
     return targets
 
 
