@@ -1,12 +1,16 @@
 """Fan-out, connect storm and memory: otad's embedded broker against Debian's mosquitto.
 
     python bench/broker_fanout.py --devices 10000
+    python bench/broker_fanout.py --devices 50000 --rounds 1 --brokers otad   # memory at scale
 
-For each broker: N devices connect at once and subscribe to their own OTA topic (connect storm),
-then one command goes to each of the N (fan-out; for otad through the service's Publisher, the path
-otaEnable and campaigns take, for mosquitto from one publisher client), then broker RSS is read.
-During otad's storm a poller measures otaPassiveEnable latency. Medians over --rounds; ratios are
-otad / mosquitto. Needs mosquitto (apt-get install mosquitto). Loopback only, bounded in count.
+Both brokers run in anonymous lab mode (``--auth`` makes otad's devices log in with passwords).
+For each broker: N devices connect and subscribe to their own OTA topic, with paced SYNs (at most
+``--in-flight`` handshakes open, so no accept queue overflows and no 1-second SYN retransmit hides in
+the figures); then one command goes to each of the N from one external publisher client (both
+brokers), and for otad a second time through the service's in-process Publisher (the path otaEnable
+and campaigns take); then broker RSS is read. During otad's storm a poller measures
+otaPassiveEnable latency. The devices live in this process, the brokers in their own. Medians over
+--rounds; ratios are otad / mosquitto. Needs mosquitto (apt-get install mosquitto).
 """
 
 from __future__ import annotations
@@ -77,12 +81,14 @@ class Mosquitto:
 class Otad:
     name = "otad"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, anonymous: bool = True) -> None:
         self.http_port, self.port = free_port(), free_port()
+        # bench/otad_driver.py, in lab mode when the devices connect anonymously (as to mosquitto).
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "otad_driver.py"), str(workdir / "otad"),
-             str(self.http_port), str(self.port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            [sys.executable, str(Path(__file__)), "--serve-otad", str(workdir / "otad"),
+             str(self.http_port), str(self.port), "anonymous" if anonymous else "auth"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=raise_fd_limit)
+        self.anonymous = anonymous
         self.passwords: dict[str, str] | None = None
 
     def ask(self, command: str) -> dict:
@@ -93,9 +99,14 @@ class Otad:
     async def ready(self, devices: int) -> None:
         await asyncio.to_thread(self.ask, "ready")
         answer = await asyncio.to_thread(self.ask, f"register {devices}")
-        self.passwords = json.loads(Path(answer["passwords"]).read_text())
+        if not self.anonymous:
+            self.passwords = json.loads(Path(answer["passwords"]).read_text())
 
     async def fanout(self, count: int) -> None:
+        """From an external publisher, as for mosquitto (lab mode lets it publish on any topic)."""
+        await Mosquitto.fanout(self, count)  # type: ignore[arg-type]
+
+    async def fanout_in_process(self, count: int) -> None:
         await asyncio.to_thread(self.ask, f"fanout {count}")
 
     def stop(self) -> None:
@@ -106,7 +117,19 @@ class Otad:
         self.process.wait(30)
 
 
-async def run_one(broker, devices: int) -> dict:
+def serve_otad(data_dir: str, http_port: str, mqtt_port: str, mode: str) -> None:
+    """bench/otad_driver.py, with mqtt.allow_anonymous on in ``anonymous`` mode."""
+    from bench import otad_driver
+
+    if mode == "anonymous":
+        load = otad_driver.load_settings
+        otad_driver.load_settings = lambda document, env, flags: load(document, env, {**flags,
+                                                                                      "mqtt.allow_anonymous": True})
+    sys.argv = [otad_driver.__file__, data_dir, http_port, mqtt_port]
+    asyncio.run(otad_driver.main())
+
+
+async def run_one(broker, devices: int, in_flight: int) -> dict:
     names = [f"dev{i}" for i in range(devices)]
     if isinstance(broker, Otad):
         await broker.ready(devices)
@@ -117,28 +140,34 @@ async def run_one(broker, devices: int) -> dict:
     latencies: list[float] = []
     poller = None
     if isinstance(broker, Otad):
-        # In its own process: this one's event loop is busy being ten thousand devices.
+        # In its own process: this one's event loop is busy being the devices.
         url = f"http://127.0.0.1:{broker.http_port}/api/v2/otaPassiveEnable?deviceName=dev0"
         poller = subprocess.Popen([sys.executable, str(Path(__file__).parent / "http_poller.py"), url],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         await asyncio.sleep(0.5)
     started = time.perf_counter()
-    await fleet.connect_all(names, broker.passwords)
+    await fleet.connect_all(names, broker.passwords, in_flight)
     connect_seconds = time.perf_counter() - started
     if poller:
         output, _ = await asyncio.to_thread(poller.communicate, "stop\n", 30)
         latencies = json.loads(output)
     await asyncio.sleep(1.0)
     idle_rss = rss_kb(broker.process.pid)
+    result = {"connect_s": connect_seconds}
 
-    done = fleet.expect(devices)
-    started = time.perf_counter()
-    await broker.fanout(devices)
-    await asyncio.wait_for(done, 300)
-    fanout_seconds = time.perf_counter() - started
+    async def timed(send) -> float:
+        done = fleet.expect(devices)
+        began = time.perf_counter()
+        await send(devices)
+        await asyncio.wait_for(done, 300)
+        return time.perf_counter() - began
+
+    result["fanout_s"] = await timed(broker.fanout)
+    if isinstance(broker, Otad):
+        result["fanout_in_process_s"] = await timed(broker.fanout_in_process)
+    result["rss_per_device_kb"] = (idle_rss - base_rss) / devices
+    result["rss_mb"] = idle_rss / 1024
     fleet.close()
-    result = {"connect_s": connect_seconds, "fanout_s": fanout_seconds,
-              "rss_per_device_kb": (idle_rss - base_rss) / devices}
     if latencies:
         latencies.sort()
         result["http_p99_ms"] = latencies[int(len(latencies) * 0.99) - 1] * 1000 if len(latencies) > 1 else 0.0
@@ -150,33 +179,51 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=64, help="handshakes open at a time (SYN pacing)")
+    parser.add_argument("--brokers", default="mosquitto,otad")
+    parser.add_argument("--auth", action="store_true", help="otad's devices log in (mosquitto stays anonymous)")
     args = parser.parse_args()
     raise_fd_limit()
-    results: dict[str, list[dict]] = {"mosquitto": [], "otad": []}
+    kinds = [{"mosquitto": Mosquitto, "otad": Otad}[name] for name in args.brokers.split(",")]
+    results: dict[str, list[dict]] = {kind.name: [] for kind in kinds}
     for round_number in range(args.rounds):
-        for kind in (Mosquitto, Otad):
+        for kind in kinds:
             with tempfile.TemporaryDirectory() as workdir:
-                broker = kind(Path(workdir))
+                broker = kind(Path(workdir)) if kind is Mosquitto else kind(Path(workdir), not args.auth)
                 try:
-                    result = await run_one(broker, args.devices)
+                    result = await run_one(broker, args.devices, args.in_flight)
                 finally:
                     broker.stop()
                 results[broker.name].append(result)
                 print(f"round {round_number + 1} {broker.name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float)
                       else f"{k}={v}" for k, v in result.items()), flush=True)
 
-    def median(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[name])
+    def median(name: str, key: str) -> float | None:
+        values = [r[key] for r in results.get(name, ()) if key in r]
+        return statistics.median(values) if values else None
 
-    print(f"\nN = {args.devices} devices, {args.rounds} rounds, medians; {os.cpu_count()} CPUs")
+    print(f"\nN = {args.devices} devices, {args.rounds} rounds, medians; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}; SYNs paced at {args.in_flight} in flight"
+          + ("; otad devices authenticated" if args.auth else "; anonymous lab mode"))
     print("| metric | otad | mosquitto | ratio otad/mosquitto |")
     print("|---|---|---|---|")
-    for key, label in (("connect_s", "connect + subscribe all (s)"), ("fanout_s", "one command to each (s)"),
-                       ("rss_per_device_kb", "RSS per idle device (KB)")):
-        o, m = median("otad", key), median("mosquitto", key)
-        print(f"| {label} | {o:.3f} | {m:.3f} | {o / m:.1f}x |" if m else f"| {label} | {o:.3f} | {m:.3f} | - |")
-    print(f"| otaPassiveEnable p99 during the storm (ms) | {median('otad', 'http_p99_ms'):.1f} | - | - |")
+    for key, label, reference in (
+            ("connect_s", "connect + subscribe all (s)", "connect_s"),
+            ("fanout_s", "one command to each, external publisher (s)", "fanout_s"),
+            ("fanout_in_process_s", "one command to each, in-process Publisher (s)", "fanout_s"),
+            ("rss_per_device_kb", "RSS per idle device (KB)", "rss_per_device_kb"),
+            ("rss_mb", "RSS with every device connected (MB)", "rss_mb")):
+        o, m = median("otad", key), median("mosquitto", reference)
+        cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        ratio = f"{o / m:.2f}x" if o is not None and m else "-"
+        print(f"| {label} | {cell(o)} | {cell(m)} | {ratio} |")
+    p99 = median("otad", "http_p99_ms")
+    if p99 is not None:
+        print(f"| otaPassiveEnable p99 during the storm (ms) | {p99:.1f} | - | - |")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) == 6 and sys.argv[1] == "--serve-otad":
+        serve_otad(*sys.argv[2:])
+    else:
+        asyncio.run(main())

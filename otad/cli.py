@@ -73,10 +73,7 @@ def _setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
     if level != "debug":
-        # amqtt logs every connection at INFO: thousands of devices would drown the journal.
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("tortoise").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -346,3 +346,41 @@ async def test_clean_session_takeover_closes_the_old_connection_too(lab):
     assert await second.no_message()
     await second.close()
     await pub.close()
+
+
+async def test_a_persistent_session_expires_after_the_session_expiry_interval(tmp_path):
+    """mqtt.session_expiry_interval: a persistent session whose client never comes back is discarded."""
+    lab = await start_otad(make_settings(tmp_path / "lab", **{"mqtt.allow_anonymous": True,
+                                                              "mqtt.session_expiry_interval": "1"}))
+    try:
+        client = await _client(lab.mqtt_port, "expiring", clean=False)
+        await client.subscribe(("ex/t", 1))
+        await client.close()
+        again = RawClient(lab.mqtt_port)
+        assert await again.connect("expiring", clean=False) == (True, 0)  # still there at once
+        await again.close()
+        await asyncio.sleep(2.2)
+        late = RawClient(lab.mqtt_port)
+        assert await late.connect("expiring", clean=False) == (False, 0)
+        await late.close()
+    finally:
+        await lab.session.close()
+        await lab.daemon.stop()
+
+
+async def test_a_fleet_fans_out_with_one_message_each(lab):
+    """Many subscribers of distinct and shared topics; every one gets its message exactly once."""
+    clients = [await _client(lab.mqtt_port, f"fan-{i}") for i in range(30)]
+    for index, client in enumerate(clients):
+        await client.subscribe((f"fan/{index}", 1), ("fan/all", 0))
+    pub = await _client(lab.mqtt_port, "pub")
+    await pub.publish("fan/all", b"everyone", qos=1)
+    for index in range(30):
+        await pub.publish(f"fan/{index}", str(index).encode(), qos=1)
+    for index, client in enumerate(clients):
+        first, second = await client.message(), await client.message()
+        assert (first.payload, first.qos) == (b"everyone", 0)
+        assert (second.payload, second.qos) == (str(index).encode(), 1)
+        assert await client.no_message(within=0.05)
+    for client in clients + [pub]:
+        await client.close()

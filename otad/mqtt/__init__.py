@@ -1,1 +1,1 @@
-"""The amqtt adapter. Every amqtt import in otad lives in this package."""
+"""otad's MQTT 3.1.1 broker core (embedded in the daemon) and its access rules."""

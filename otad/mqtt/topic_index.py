@@ -1,6 +1,6 @@
 """A trie over topic levels, so matching costs the levels of one topic, not the number of filters.
 
-amqtt 0.12.1 scans every subscription filter on every publish and every retained message on every
+A broker that scans every subscription filter on every publish and every retained message on every
 subscribe; with one filter and one retained command per device both grow with the fleet, and a
 fan-out to N devices costs N². Two queries over the same structure serve both directions:
 

@@ -1,0 +1,153 @@
+"""Session state: small objects, their containers allocated only while they hold something.
+
+A session outlives its connection when the client asked for one (CleanSession 0): its
+subscriptions, the QoS 1/2 messages sent but not acknowledged (re-sent with DUP on reconnect,
+[MQTT-4.4.0-1]) and those queued while it was offline (3.1.2.4). On a gateway of ten thousand idle
+devices this is most of what the broker keeps, so every field is a slot and every container starts
+as None.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from otad.mqtt import protocol
+from otad.mqtt.access import Verdict
+
+if TYPE_CHECKING:
+    from otad.mqtt.connection import MqttConnection
+
+SessionKey = tuple[str, str]  # (username or "", client id): one device never reaches another's session
+
+_INFLIGHT_PUBLISH, _INFLIGHT_PUBREL = 0, 1  # awaiting PUBACK/PUBREC, awaiting PUBCOMP
+
+
+class Outgoing:
+    """One message on its way to many subscribers, encoded once per (QoS, retain) it is sent at;
+    only the two bytes of the packet id differ between QoS 1/2 copies."""
+
+    __slots__ = ("topic", "payload", "_topic_bytes", "_heads")
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic = topic
+        self.payload = payload
+        self._topic_bytes: bytes | None = None
+        self._heads: dict[int, bytes] | None = None
+
+    def head(self, qos: int, retain: bool) -> bytes:
+        variant = qos << 1 | retain
+        heads = self._heads
+        if heads is None:
+            heads = self._heads = {}
+        head = heads.get(variant)
+        if head is None:
+            if self._topic_bytes is None:
+                self._topic_bytes = self.topic.encode()
+            head = heads[variant] = protocol.publish_head(self._topic_bytes, qos, retain, False, len(self.payload))
+            if not qos:
+                # QoS 0: the whole packet is the same for every subscriber.
+                head = heads[variant] = head + self.payload
+        return head
+
+
+class Session:
+    __slots__ = ("key", "username", "verdict", "clean", "subscriptions", "queue", "inflight", "received",
+                 "_next_id", "connection", "sent", "disconnected_at")
+
+    def __init__(self, key: SessionKey, username: str | None, verdict: Verdict, clean: bool) -> None:
+        self.key = key
+        self.username = username
+        self.verdict = verdict
+        self.clean = clean
+        self.subscriptions: dict[str, int] | None = None  # filter -> granted QoS
+        self.queue: deque[tuple[str, bytes, int]] | None = None  # queued while offline
+        # packet id -> [topic, payload, qos, stage]: sent, not yet acknowledged (insertion = send order)
+        self.inflight: dict[int, list] | None = None
+        self.received: set[int] | None = None  # incoming QoS 2 packet ids awaiting their PUBREL
+        self._next_id = 0
+        self.connection: MqttConnection | None = None
+        # command topic -> payload already sent on this connection, so a re-SUBSCRIBE does not get
+        # the retained copy of a command the device has (or has in flight) again.
+        self.sent: dict[str, bytes] | None = None
+        self.disconnected_at = 0.0
+
+    @property
+    def is_device(self) -> bool:
+        return self.verdict == Verdict.DEVICE
+
+    def next_packet_id(self) -> int:
+        inflight = self.inflight
+        while True:
+            self._next_id = self._next_id % 65535 + 1
+            if not inflight or self._next_id not in inflight:
+                return self._next_id
+
+    def track(self, topic: str, payload: bytes, qos: int) -> int:
+        packet_id = self.next_packet_id()
+        if self.inflight is None:
+            self.inflight = {}
+        self.inflight[packet_id] = [topic, payload, qos, _INFLIGHT_PUBLISH]
+        return packet_id
+
+    def acknowledged(self, packet_id: int, qos: int) -> bool:
+        """PUBACK (``qos`` 1) or PUBCOMP (``qos`` 2) ends a flow; True when it was one of ours."""
+        inflight = self.inflight
+        if inflight is None:
+            return False
+        entry = inflight.get(packet_id)
+        if entry is None or entry[2] != qos or entry[3] != (_INFLIGHT_PUBLISH if qos == 1 else _INFLIGHT_PUBREL):
+            return False
+        del inflight[packet_id]
+        if not inflight:
+            self.inflight = None
+        return True
+
+    def released(self, packet_id: int) -> bool:
+        """PUBREC: the flow moves on to PUBREL/PUBCOMP. True when a PUBREL is due."""
+        entry = self.inflight.get(packet_id) if self.inflight else None
+        if entry is None or entry[2] != 2:
+            return False
+        entry[3] = _INFLIGHT_PUBREL
+        return True
+
+    def resend_packets(self) -> list[bytes]:
+        """What a reconnect re-sends first, in the original order [MQTT-4.4.0-1, MQTT-4.6.0-1]."""
+        packets = []
+        for packet_id, (topic, payload, qos, stage) in (self.inflight or {}).items():
+            if stage == _INFLIGHT_PUBREL:
+                packets.append(protocol.ack(protocol.PUBREL, packet_id))
+            else:
+                packets.append(protocol.publish(topic, payload, qos, packet_id, dup=True))
+        return packets
+
+    def forget_topic(self, topic: str) -> None:
+        """Drop what is queued or in flight on ``topic`` (a superseded or cleared command)."""
+        if self.queue:
+            kept = [item for item in self.queue if item[0] != topic]
+            self.queue = deque(kept) if kept else None
+        if self.inflight:
+            for packet_id in [pid for pid, entry in self.inflight.items() if entry[0] == topic]:
+                del self.inflight[packet_id]
+            if not self.inflight:
+                self.inflight = None
+
+    def enqueue(self, topic: str, payload: bytes, qos: int) -> None:
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append((topic, payload, qos))
+
+    def received_qos2(self, packet_id: int) -> bool:
+        """Note an incoming QoS 2 PUBLISH; False when it is a re-send already routed."""
+        if self.received is None:
+            self.received = set()
+        if packet_id in self.received:
+            return False
+        self.received.add(packet_id)
+        return True
+
+    def release_qos2(self, packet_id: int) -> None:
+        if self.received:
+            self.received.discard(packet_id)
+            if not self.received:
+                self.received = None
