@@ -33,6 +33,7 @@ from otad.service import Services, build_services
 from otad.service.clock import utc_now
 from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_database
 from otad.store.database import Database
+from otad.store.failures import storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,12 @@ class Daemon:
             for job in (services.upgrades.expire_due, services.devices.flush_presence, services.health.recheck):
                 try:
                     await job()
-                except Exception:
-                    log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
+                except Exception as exc:
+                    if (failure := storage_failure(exc)) is not None:  # a full disk: shown in /healthz
+                        services.health.failing(DATABASE, failure.message)
+                        log.warning("maintenance job %s: %s; retrying next round", job.__qualname__, failure.message)
+                    else:
+                        log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
 
     async def _roll_out(self, services: Services) -> None:
         """The campaign engine's heartbeat; a failing step is logged and tried again."""

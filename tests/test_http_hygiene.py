@@ -59,8 +59,10 @@ async def test_idle_sockets_beyond_the_file_limit_do_not_lock_out_devices_or_hea
         password = subprocess.run([sys.executable, "-m", "otad", "device", "add", "dev1", "--product-id", "1",
                                    "--data-dir", str(tmp_path)], capture_output=True, text=True,
                                   timeout=60).stdout.strip().splitlines()[-1]
-        for _ in range(1100):  # connect and send nothing, as an attacker would
+        for i in range(1100):  # connect and send nothing (or only empty lines), as an attacker would
             sock = socket.create_connection(("127.0.0.1", http_port))
+            if i % 2:
+                sock.sendall(b"\r\n\r\n")
             idle.append(sock)
         await asyncio.sleep(0.5)
         assert await _healthz(f"http://127.0.0.1:{http_port}") == 200

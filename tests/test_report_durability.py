@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from otad.daemon import Daemon
 from tests.conftest import eventually, free_port, make_settings, start_otad
 from tests.helpers import assert_error, campaign_body, register_fleet, serve, wait_for_port
 from tests.rawmqtt import PUBACK, PUBLISH, RawClient, ack_packet, parse_publish, publish_packet
@@ -72,8 +73,14 @@ async def test_a_burst_of_every_status_from_hundreds_of_devices_is_all_applied(o
             _send_and_count_pubacks(client, name, [_report(versions[name], s, progress=100) for s in STATUSES])
             for client, name in zip(clients, passwords)))
         assert acked == [len(STATUSES)] * len(passwords)
-        # Acknowledged means committed: read straight from the file, nothing left to wait for.
+        # Acknowledged means committed: read straight from the file, nothing left to wait for;
+        # every report moved its upgrade a step (created, notified, then the five).
         assert set(_upgrade_states(otad.settings.database_path).values()) == {"updated"}
+        with sqlite3.connect(f"file:{otad.settings.database_path}?mode=ro", uri=True) as conn:
+            steps = conn.execute("SELECT upgrade_id, GROUP_CONCAT(state) FROM (SELECT upgrade_id, state FROM "
+                                 "upgrade_event WHERE changed = 1 ORDER BY id) GROUP BY upgrade_id").fetchall()
+        assert len(steps) == len(passwords)
+        assert {row[1] for row in steps} == {"created,notified," + ",".join(STATUSES)}
     finally:
         await asyncio.gather(*(client.close() for client in clients))
 
@@ -280,13 +287,15 @@ async def test_a_full_disk_withholds_pubacks_shows_in_healthz_and_recovers(small
         await otad.upload("fw", 1, b"image")
         (version,) = (await _enable_all(otad, ["dev1"])).values()
         client = await _connected(otad.mqtt_port, "dev1", password)
+        await _send_and_count_pubacks(client, "dev1", [_report(version, "downloaded")])
         filler = _fill(small_disk)
         # Reports that still fit in space SQLite already holds are committed and acknowledged;
-        # the first that needs new space gets no PUBACK.
+        # the first that needs new space gets no PUBACK. (Late "downloading" reports after
+        # "downloaded": each one a write, folded into one timeline entry that shows the latest.)
         long_message = "x" * 1000
         unacked = None
         for i in range(400):
-            payload = _report(version, "downloading" if i % 2 else "downloaded", message=long_message + str(i))
+            payload = _report(version, "downloading", message=f"{long_message}-{i}")
             client.send(publish_packet("/oc/devices/dev1/sys/ota/report", payload, 1, client.packet_id()))
             try:
                 while (await client.read(1.0))[0] != PUBACK:
@@ -305,7 +314,10 @@ async def test_a_full_disk_withholds_pubacks_shows_in_healthz_and_recovers(small
         filler.unlink()
         while (await client.read(10.0))[0] != PUBACK:
             pass
-        await eventually(lambda: _upgrade_states(otad.settings.database_path)["dev1"] == "downloaded", 5)
+        status, body = await otad.request("GET", f"/api/v2/upgrades/{version}")
+        latest = body["data"]["timeline"][-1]
+        assert latest["state"] == "downloading" and latest["count"] == unacked + 1
+        assert json.loads(latest["detail"])["message"].endswith(f"-{unacked}")  # the held one, applied
         for _ in range(50):  # a firmware store that failed is probed again after a few quiet seconds
             async with otad.session.get(f"{otad.url}/healthz") as response:
                 if response.status == 200:
@@ -319,3 +331,46 @@ async def test_a_full_disk_withholds_pubacks_shows_in_healthz_and_recovers(small
             await client.close()
         await otad.session.close()
         await otad.daemon.stop()
+
+
+async def test_a_version_1_database_is_migrated_whole(tmp_path):
+    """A database as otad created it before timelines folded and boards activated: migrated in
+    place, its late reports marked as notes, its boards still boards."""
+    settings = make_settings(tmp_path / "data")
+    otad = await start_otad(settings)
+    try:
+        password = await otad.add_device("dev1", 1)
+        await otad.upload("fw", 1, b"image")
+        (version,) = (await _enable_all(otad, ["dev1"])).values()
+        client = await _connected(otad.mqtt_port, "dev1", password)
+        await _send_and_count_pubacks(client, "dev1", [_report(version, "downloading")])
+        await client.close()
+    finally:
+        await otad.session.close()
+        await otad.daemon.stop()
+    with sqlite3.connect(settings.database_path) as conn:  # back to version 1's schema
+        conn.executescript(
+            'CREATE TABLE old_event AS SELECT id, at, state, source, detail, upgrade_id FROM upgrade_event;'
+            'DROP TABLE upgrade_event;'
+            'CREATE TABLE upgrade_event ("id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, "at" TIMESTAMP NOT NULL, '
+            '"state" VARCHAR(16) NOT NULL, "source" VARCHAR(16) NOT NULL, "detail" TEXT, '
+            '"upgrade_id" INT NOT NULL REFERENCES "upgrade" ("id") ON DELETE CASCADE);'
+            'INSERT INTO upgrade_event SELECT * FROM old_event; DROP TABLE old_event;'
+            # a late report, as version 1 stored it: a second "downloading" row
+            'INSERT INTO upgrade_event (at, state, source, detail, upgrade_id) '
+            "SELECT at, 'downloading', 'device', '{}', upgrade_id FROM upgrade_event LIMIT 1;"
+            'DROP TABLE xiaozhi_activation;'
+            "UPDATE device SET last_check_at = '2026-11-01 00:00:00+00:00' WHERE name = 'dev1';"
+            'UPDATE schema_version SET version = 1;')
+    daemon = Daemon(settings)
+    await daemon.start()
+    try:
+        upgrade = await daemon.services.upgrades.get(version)
+        timeline = (await daemon.services.upgrades.timeline(upgrade)).items
+        assert [(e.state, e.changed) for e in timeline] == [
+            ("created", True), ("notified", True), ("downloading", True), ("downloading", False)]
+    finally:
+        await daemon.stop()
+    with sqlite3.connect(settings.database_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone()[0] >= 3
+        assert conn.execute("SELECT device_name, client_id FROM xiaozhi_activation").fetchall() == [("dev1", "")]

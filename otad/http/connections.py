@@ -38,11 +38,10 @@ class ConnectionGuard:
         self.head_timeout = head_timeout
         self._metrics = metrics
         self._open: dict[asyncio.BaseTransport, GuardedConnection] = {}
-        self._idle: OrderedDict[GuardedConnection, None] = OrderedDict()  # oldest idle first
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._open)
+        # Not handling a request, oldest first: keep-alive connections that were served, and new
+        # ones still to send their first head. The served go first when room is needed.
+        self._served: OrderedDict[GuardedConnection, None] = OrderedDict()
+        self._fresh: OrderedDict[GuardedConnection, None] = OrderedDict()
 
     def factory(self, server: web.Server):
         """The protocol factory for ``loop.create_server``, around aiohttp's."""
@@ -52,26 +51,31 @@ class ConnectionGuard:
 
     def admit(self, connection: GuardedConnection) -> bool:
         if len(self._open) >= self.max_connections:
-            if not self._idle:
+            idle = self._served or self._fresh
+            if not idle:
                 self._refused("busy")
                 return False
-            oldest, _ = self._idle.popitem(last=False)
+            oldest, _ = idle.popitem(last=False)
             self._refused("idle_evicted")
-            oldest.close("closed to make room: the connection limit is reached")
+            self.release(oldest)  # its descriptor is freed now (abort), not when the peer reads
+            oldest.abort("closed to make room: the connection limit is reached")
         self._open[connection.transport] = connection
-        self._idle[connection] = None
+        self._fresh[connection] = None
         return True
 
     def release(self, connection: GuardedConnection) -> None:
         self._open.pop(connection.transport, None)
-        self._idle.pop(connection, None)
+        self._served.pop(connection, None)
+        self._fresh.pop(connection, None)
 
     def busy(self, connection: GuardedConnection) -> None:
-        self._idle.pop(connection, None)
+        self._served.pop(connection, None)
+        self._fresh.pop(connection, None)
 
     def idle(self, connection: GuardedConnection) -> None:
-        self._idle[connection] = None
-        self._idle.move_to_end(connection)
+        self._fresh.pop(connection, None)
+        self._served[connection] = None
+        self._served.move_to_end(connection)
 
     def _refused(self, reason: str) -> None:
         if self._metrics is not None:
@@ -99,6 +103,7 @@ class GuardedConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._admitted = False
         self._in_request = False  # a request is being handled (head complete)
+        self._started = False  # a byte other than CR/LF arrived: a request line has begun
         self._tail = b""  # the last bytes seen while waiting for a head (its end may span chunks)
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -119,7 +124,17 @@ class GuardedConnection(asyncio.Protocol):
         if not self._in_request:
             if self._deadline is None:
                 self._arm()
-            seen = self._tail + data
+            if not self._started:
+                # Empty lines before a request line are skipped by HTTP parsers [RFC 9112 2.2]:
+                # they are not a head, and must not count as one.
+                stripped = data.lstrip(b"\r\n")
+                if not stripped:
+                    self._inner.data_received(data)  # type: ignore[attr-defined]
+                    return
+                self._started = True
+                seen = stripped
+            else:
+                seen = self._tail + data
             if _HEAD_END in seen:
                 self._head_complete()
             else:
@@ -148,13 +163,15 @@ class GuardedConnection(asyncio.Protocol):
         self._head_complete()
 
     def request_finished(self) -> None:
-        """The handler returned: the next bytes start a new head (its deadline starts with them)."""
+        """The response is sent: the next bytes start a new head (its deadline starts with them)."""
         self._in_request = False
+        self._started = False
         self._tail = b""
         self._guard.idle(self)
 
     def _head_complete(self) -> None:
         self._in_request = True
+        self._started = False
         self._tail = b""
         self._disarm()
         self._guard.busy(self)
@@ -174,12 +191,17 @@ class GuardedConnection(asyncio.Protocol):
     def _head_too_slow(self) -> None:
         self._deadline = None
         if not self._in_request:
-            self.close(f"no complete request head within {self._guard.head_timeout:g} s")
+            self.abort(f"no complete request head within {self._guard.head_timeout:g} s")
 
     def close(self, why: str) -> None:
         log.debug("HTTP connection from %s closed: %s", _peer(self.transport), why)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def abort(self, why: str) -> None:
+        log.debug("HTTP connection from %s aborted: %s", _peer(self.transport), why)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def _peer(transport: asyncio.BaseTransport | None) -> object:

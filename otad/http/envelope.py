@@ -84,24 +84,23 @@ def refuse_encoded_body(request: web.BaseRequest) -> None:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, at most ``limit`` bytes (TooLarge past it), each read within the body timeout."""
+    """The raw body, at most ``limit`` bytes (TooLarge past it), all of it within the body timeout:
+    these bodies are small, so a sender trickling a byte a minute gets no longer than a slow one."""
     refuse_encoded_body(request)
     too_large = TooLarge(f"参数无效: the request body is over {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     timeout = request.app[SETTINGS].http.body_timeout
     body = bytearray()
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                chunk = await request.content.read(65536)
-        except TimeoutError:
-            raise InvalidInput(f"参数无效: the request body sent nothing for {timeout:g} s") from None
-        if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(65536):
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise InvalidInput(f"参数无效: the request body did not arrive within {timeout:g} s") from None
+    return bytes(body)
 
 
 async def read_json(request: web.Request, limit: int = SMALL_JSON_BODY) -> Any:

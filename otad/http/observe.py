@@ -20,6 +20,7 @@ import time
 
 from aiohttp import web
 
+from otad.http.connections import CONNECTIONS
 from otad.metrics import Metrics
 
 _STARTED = web.RequestKey("otad_started", float)
@@ -41,6 +42,8 @@ class RequestObserver:
         if not _REQUEST_ID.fullmatch(request_id):  # echoed and logged: only short, plain ids
             request_id = os.urandom(8).hex()
         request[_STARTED] = time.perf_counter()
+        if (connections := request.app.get(CONNECTIONS)) is not None:
+            connections.request_started(request.transport)  # a pipelined request is busy too
         try:
             response = await handler(request)
             response.headers["X-Request-Id"] = request_id

@@ -20,6 +20,7 @@ class CampaignView:
         self.name = name
         self.stages = stages
         self.last_device_id = 0  # devices of the product up to this id are known
+        self.loaded_at = 0.0  # time.monotonic() of the last load or check against the database
         self.stage_of: dict[str, int] = {}  # device -> its stage (devices past the last stage are absent)
         self.device_ids: dict[str, int] = {}
         self.devices_per_stage: Counter = Counter()
@@ -65,8 +66,8 @@ class CampaignView:
         if current is None:
             if old is not None and old != UpgradeState.CREATED:
                 return  # the view never saw this upgrade start: it was loaded with a newer state
-        elif current[0] != version or (old is not None and current[1] != old):
-            return
+        elif current[0] != version or old is None or current[1] != old:
+            return  # another upgrade, a creation notice for one already seen, or stale
         else:
             counts[current[1]] -= 1
         self.upgrade_of[name] = (version, new)

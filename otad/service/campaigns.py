@@ -36,6 +36,8 @@ SKIPPED = (UpgradeState.CANCELLED, UpgradeState.SUPERSEDED)
 _BUSY_STATES = tuple(state for state in OPEN_STATES if state not in (UpgradeState.CREATED, UpgradeState.NOTIFIED))
 # Upgrades started per campaign step (a step is one transaction): the API keeps answering meanwhile.
 _MAX_STARTS_PER_STEP = 500
+# Seconds between checks of a campaign's view against the database's counts (one aggregate query).
+_RESYNC_EVERY = 60.0
 
 
 def stage_of(product_id: int, name: str, device_name: str, stages: list[int]) -> int | None:
@@ -75,6 +77,7 @@ class Campaigns:
         self._default_timeout = default_timeout
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
         self._views: dict[int, CampaignView] = {}  # running campaigns as the engine last saw them
+        self._loading: dict[int, list[UpgradeChange | str]] = {}  # campaign -> changes held during a load
         upgrades.on_change(self._on_upgrades_changed)
         devices.on_delete(self._on_device_deleted)
         # One campaign step, pause, resume or cancel at a time: a cancel must not land in the middle
@@ -82,6 +85,10 @@ class Campaigns:
         self._lock = asyncio.Lock()
 
     async def create(self, body: object) -> CampaignRecord:
+        async with self._lock:  # the check for a live campaign of the same package, and the insert
+            return await self._create(body)
+
+    async def _create(self, body: object) -> CampaignRecord:
         if not isinstance(body, dict):
             raise InvalidInput('参数无效: expected {"name", "productId", "stages", ...}')
         name = check_package_name(body.get("name"))
@@ -189,30 +196,64 @@ class Campaigns:
 
     def _on_upgrades_changed(self, changes: list[UpgradeChange]) -> None:
         for change in changes:
-            view = self._views.get(change.campaign_id) if change.campaign_id is not None else None
-            if view is not None:
+            if change.campaign_id is None:
+                continue
+            if (waiting := self._loading.get(change.campaign_id)) is not None:
+                waiting.append(change)
+            elif (view := self._views.get(change.campaign_id)) is not None:
                 view.set_upgrade(change.device_name, change.version, change.old, change.new)
 
     def _on_device_deleted(self, name: str) -> None:
         for view in self._views.values():
             view.remove_device(name)
+        for waiting in self._loading.values():
+            waiting.append(name)
 
     async def _view(self, campaign: CampaignRecord) -> CampaignView:
-        """The campaign's view: loaded once, then only the devices that joined since."""
+        """The campaign's view: loaded once (and again now and then, to be sure), then only the
+        devices that joined since."""
         view = self._views.get(campaign.id)
+        if view is not None and time.monotonic() - view.loaded_at > _RESYNC_EVERY:
+            if await self._diverged(campaign.id, view):
+                log.warning("campaign %d: its view differed from the database; read again", campaign.id)
+                view = None
+            else:
+                view.loaded_at = time.monotonic()
         if view is None:
-            view = CampaignView(campaign.product_id, campaign.name, campaign.stages)
-            # Registered before the reads: changes during them are applied or recognised as stale.
-            self._views[campaign.id] = view
-            for upgrade in await rollouts.campaign_upgrade_states(campaign.id):
-                view.upgrade_of[upgrade.device_name] = (upgrade.version, UpgradeState(upgrade.state))
+            view = await self._load(campaign)
         for device_id, name in await repo.devices_of_product(campaign.product_id, after_id=view.last_device_id):
             view.add_device(device_id, name, stage_of(campaign.product_id, campaign.name, name, campaign.stages))
-        if not view.states_per_stage and view.upgrade_of:
-            for name, (_, state) in view.upgrade_of.items():
-                if name in view.stage_of:
-                    view.states_per_stage.setdefault(view.stage_of[name], Counter())[state] += 1
         return view
+
+    async def _load(self, campaign: CampaignRecord) -> CampaignView:
+        """Devices, then upgrades, from the database; what changes meanwhile is held and replayed
+        after (a change the snapshot already shows is recognised as stale)."""
+        self._views.pop(campaign.id, None)
+        held = self._loading[campaign.id] = []
+        try:
+            view = CampaignView(campaign.product_id, campaign.name, campaign.stages)
+            for device_id, name in await repo.devices_of_product(campaign.product_id):
+                view.add_device(device_id, name, stage_of(campaign.product_id, campaign.name, name, campaign.stages))
+            latest = {upgrade.device_name: upgrade for upgrade in await rollouts.campaign_upgrade_states(campaign.id)}
+            for upgrade in latest.values():
+                view.set_upgrade(upgrade.device_name, upgrade.version, None, UpgradeState(upgrade.state))
+        finally:
+            self._loading.pop(campaign.id, None)
+        for item in held:
+            if isinstance(item, str):
+                view.remove_device(item)
+            else:
+                view.set_upgrade(item.device_name, item.version, item.old, item.new)
+        view.loaded_at = time.monotonic()
+        self._views[campaign.id] = view
+        return view
+
+    async def _diverged(self, campaign_id: int, view: CampaignView) -> bool:
+        """Whether the database's counts per stage and state differ from the view's."""
+        counted = {(stage, state): n for stage, state, n in await rollouts.count_campaign_upgrades(campaign_id)}
+        held = {(stage, state): n for stage, states in view.states_per_stage.items()
+                for state, n in states.items() if n}
+        return counted != held
 
     async def _advance(self, campaign: CampaignRecord) -> None:
         view = await self._view(campaign)

@@ -50,6 +50,17 @@ class ReportIngest:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="otad-report-ingest")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        log.critical("the report ingest stopped: %r; reports are no longer applied", error)
+        self._health.failing(DATABASE, f"report ingest stopped: {error!r}")
+        for _, _, future in self._pending:
+            if not future.done():
+                future.set_exception(RuntimeError("the report ingest stopped"))
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch being written (bounded), then stop. Reports not yet taken stay
@@ -101,14 +112,19 @@ class ReportIngest:
                 replies = await self._one_at_a_time(items)
                 break
         self._health.ok(DATABASE)
-        self.applied += len(batch)
         for (_, _, future), reply in zip(batch, replies):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)  # not applied: no PUBACK, the device sends it again
+            else:
+                self.applied += 1
                 future.set_result(reply)
 
-    async def _one_at_a_time(self, items: list[tuple[str, bytes]]) -> list[ReportReply]:
-        """Isolate the report that breaks a batch: it is refused, the others are applied."""
-        replies = []
+    async def _one_at_a_time(self, items: list[tuple[str, bytes]]) -> list[ReportReply | BaseException]:
+        """Isolate the report that breaks a batch: the others are applied; it is not, and is not
+        acknowledged either (a reply would say it was handled)."""
+        replies: list[ReportReply | BaseException] = []
         for device, payload in items:
             while True:
                 try:
@@ -117,8 +133,8 @@ class ReportIngest:
                 except StorageUnavailable as exc:
                     self._health.failing(DATABASE, exc.message)
                     await asyncio.sleep(_MAX_BACKOFF)
-                except Exception:
-                    log.exception("an OTA report from %s could not be applied", device)
-                    replies.append(ReportReply(None, False, "the report could not be applied"))
+                except Exception as exc:
+                    log.error("an OTA report from %s could not be applied (%r); it is not acknowledged", device, exc)
+                    replies.append(exc)
                     break
         return replies

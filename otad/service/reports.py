@@ -143,7 +143,12 @@ class Reports:
             # Another writer moved one of these upgrades between the read and the write: read again.
         else:
             raise RuntimeError(f"a batch of {len(reports)} reports kept losing races with other writers")
-        await self._upgrades.changed(changes)
+        try:
+            await self._upgrades.changed(changes)
+        except Exception:
+            # Committed already: a failure to withdraw a command or tell a listener must not make
+            # the caller apply the batch again.
+            log.exception("after applying %d reports, handling their %d changes failed", len(reports), len(changes))
         answers = iter(replies)
         return [next(answers) if isinstance(item, Report) else item for item in parsed]
 

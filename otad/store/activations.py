@@ -70,7 +70,12 @@ async def find_board(device_name: str, client_id: str) -> DeviceRecord | None:
     row = await XiaozhiActivation.get_or_none(device_name=device_name, client_id=client_id,
                                               expires_at__isnull=True, device_id__isnull=False)
     if row is None:
-        return None
+        # A board from before activation (migration 3) is bound to the first Client-Id it sends.
+        legacy = await XiaozhiActivation.filter(device_name=device_name, client_id="", expires_at__isnull=True,
+                                                device_id__isnull=False).update(client_id=client_id)
+        if not legacy:
+            return None
+        row = await XiaozhiActivation.get(device_name=device_name, client_id=client_id)
     device = await repo.find_device(device_name)
     return device if device is not None and device.id == row.device_id else None
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from tortoise.context import TortoiseContext
+from tortoise.transactions import in_transaction
 
 from otad.store.models import SchemaVersion
 
@@ -24,6 +25,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_eve_upgrade_50b992" ON "upgrade_event" ("upgrade_id", "id")',
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_device__d530d0" ON "upgrade" ("device_id", "state")',
         'CREATE INDEX IF NOT EXISTS "idx_upgrade_campaig_31bb25" ON "upgrade" ("campaign_id", "state")',
+        # Entries before this version did not say: the first of each state is taken as its change,
+        # later ones (late or repeated reports) as notes, which the timeline cap applies to.
+        'UPDATE "upgrade_event" SET "changed" = 0 WHERE "id" NOT IN '
+        '(SELECT MIN("id") FROM "upgrade_event" GROUP BY "upgrade_id", "state")',
     ),
     # xiaozhi boards activate before they become devices: pending claims (capped, expiring) and
     # accepted ones (bound to one Client-Id). As generate_schemas creates them on a fresh database.
@@ -47,6 +52,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     CONSTRAINT "uid_xiaozhi_act_device__266a46" UNIQUE ("device_name", "client_id")
 )""",
         'CREATE INDEX IF NOT EXISTS "idx_xiaozhi_act_expires_14ad51" ON "xiaozhi_activation" ("expires_at")',
+        # Boards registered before activation existed keep working: each is accepted, bound to the
+        # first Client-Id it checks in with (an empty client_id; see activations.find_board).
+        'INSERT INTO "xiaozhi_activation" ("device_name", "client_id", "code", "challenge", "product_id", '
+        '"device_id", "created_at", "seen_at", "expires_at", "accepted_at") '
+        'SELECT "name", \'\', NULL, \'\', "product_id", "id", "last_check_at", "last_check_at", NULL, "last_check_at" '
+        'FROM "device" WHERE "last_check_at" IS NOT NULL',
     ),
 }
 
@@ -86,16 +97,18 @@ class Database:
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"database {self.path} has schema version {current}, newer than this otad "
                                f"understands ({SCHEMA_VERSION}); upgrade otad")
-        conn = self._context.connections.get("default")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            log.info("migrating database schema to version %d", version)
-            for statement in _MIGRATIONS[version]:
-                await conn.execute_script(statement)
         if row is None:
             await SchemaVersion.create(id=1, version=SCHEMA_VERSION)
-        elif row.version != SCHEMA_VERSION:
-            row.version = SCHEMA_VERSION
-            await row.save()
+            return
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            log.info("migrating database schema to version %d", version)
+            # One transaction per version, its number included: a crash or a full disk halfway
+            # leaves the database at the version before, to be migrated again (SQLite's DDL is
+            # transactional).
+            async with in_transaction("default") as conn:
+                for statement in _MIGRATIONS[version]:
+                    await conn.execute_query(statement)
+                await conn.execute_query('UPDATE "schema_version" SET "version" = ? WHERE "id" = 1', [version])
 
     async def close(self) -> None:
         if self._context is None:
