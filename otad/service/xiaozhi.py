@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from otad.errors import InvalidInput, MissingInput, NotFound
 from otad.service import credentials
+from otad.service.logs import RateLimitedLog
 from otad.service.clock import utc_now
 from otad.service.validation import check_device_name, parse_int, safe_text
 from otad.service.versions import is_newer, parse_dotted
@@ -133,6 +134,7 @@ class XiaozhiBoards:
         self._pending_ttl = pending_ttl
         # Opening a claim counts, evicts and inserts; one at a time keeps the count true.
         self._claims = asyncio.Lock()
+        self._full = RateLimitedLog(log, "xiaozhi activations full", interval=60.0)
 
     # --- admin: one pin per product ---
 
@@ -250,6 +252,10 @@ class XiaozhiBoards:
                                                     refresh_before=now - _REFRESH_EVERY,
                                                     limit=self._pending_limit, new_code=_new_code,
                                                     new_challenge=_new_challenge)
+        if record is None:
+            self._full.warning("(%d boards wait; the newest from %s not shown a code)", self._pending_limit,
+                               inventory.remote_addr)
+            return keep  # full: it asks again with its next check
         if record.accepted or record.code is None:
             return keep  # accepted while we looked: its next check is a board's
         log.debug("xiaozhi board %s (client %s) waits for activation", name, client_id)

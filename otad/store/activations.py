@@ -82,10 +82,11 @@ async def find_board(device_name: str, client_id: str) -> DeviceRecord | None:
 
 @translate_storage_errors
 async def open_pending(claim: BoardClaim, *, now: datetime, expires_at: datetime, refresh_before: datetime,
-                       limit: int, new_code: Callable[[], str], new_challenge: Callable[[], str]) -> ActivationRecord:
+                       limit: int, new_code: Callable[[], str], new_challenge: Callable[[], str]
+                       ) -> ActivationRecord | None:
     """The board's pending activation, refreshed (same code, later expiry; only if last seen before
     ``refresh_before``, so repeated checks cost no write) or new. Before a new one, expired claims
-    are dropped; if ``limit`` pending claims remain, the ones that would expire soonest make room.
+    are dropped; if ``limit`` pending claims remain, there is none (None) until one expires.
 
     The caller serialises calls (one daemon opens claims; the CLI only accepts them), so the count
     read here is not raced by another insert."""
@@ -100,11 +101,10 @@ async def open_pending(claim: BoardClaim, *, now: datetime, expires_at: datetime
                 row = await XiaozhiActivation.get(id=row.id)
             return _record(row)
         await XiaozhiActivation.filter(expires_at__lt=now).delete()
-        pending = XiaozhiActivation.filter(expires_at__isnull=False)
-        excess = await pending.count() - limit + 1
-        if excess > 0:
-            oldest = await pending.order_by("expires_at", "id").limit(excess).values_list("id", flat=True)
-            await XiaozhiActivation.filter(id__in=list(oldest)).delete()
+        if await XiaozhiActivation.filter(expires_at__isnull=False).count() >= limit:
+            # Full: the boards already waiting keep their codes (evicting them would let a flood
+            # of fake boards change a real board's code before the operator can type it).
+            return None
         code = new_code()
         while await XiaozhiActivation.exists(code=code):
             code = new_code()
