@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import secrets
-from collections import deque
 
 from otad.metrics import Metrics
 from otad.mqtt import protocol
@@ -59,8 +58,12 @@ class Broker:
         self._connected = 0
         self._handshakes = TurnGate(_HANDSHAKES_PER_TURN)
         self._tasks: set[asyncio.Task] = set()
-        self._deadlines: DeadlineWheel[MqttConnection] = DeadlineWheel(_SWEEP_PERIOD)
-        self._expiring: deque[tuple[float, Session]] = deque()  # persistent sessions gone offline, in order
+        # One wheel for CONNECT timeouts (an entry each, checked once), one for keepalives.
+        self._connect_deadlines: DeadlineWheel[MqttConnection] = DeadlineWheel(_SWEEP_PERIOD)
+        self._keepalive_deadlines: DeadlineWheel[MqttConnection] = DeadlineWheel(_SWEEP_PERIOD)
+        # Persistent sessions offline, in the order they went (dicts keep insertion order): the
+        # expiry sweep looks at the oldest only, and a reconnect takes a session out in O(1).
+        self._offline: dict[Session, None] = {}
         self._sweeper: asyncio.TimerHandle | None = self._loop.call_later(_SWEEP_PERIOD, self._sweep)
         self._serving = True
         metrics.connected_devices.set_function(self.connected_count)
@@ -75,7 +78,7 @@ class Broker:
             self.metrics.mqtt_refused.labels("max_connections").inc()
             return False
         self._connections.add(connection)
-        self._deadlines.add(connection.opened_at + self.limits.connect_timeout, connection)
+        self._connect_deadlines.add(connection.opened_at + self.limits.connect_timeout, connection)
         return True
 
     def connection_closed(self, connection: MqttConnection) -> None:
@@ -158,12 +161,13 @@ class Broker:
         else:
             session, present = existing, True
             session.verdict = verdict
+            self._offline.pop(session, None)
         session.connection = connection
         self._connected += 1
         connection.will = connect.will
         if connect.keepalive:
             connection.keepalive = math.ceil(connect.keepalive * 1.5)  # [MQTT-3.1.2-24]
-            self._deadlines.add(connection.last_received + connection.keepalive, connection)
+            self._keepalive_deadlines.add(connection.last_received + connection.keepalive, connection)
         connection.opened(session, protocol.connack(protocol.ACCEPTED, present))  # [MQTT-3.2.2-2]
         if session.is_device:
             self.events.presence(session.username, True)  # type: ignore[arg-type]
@@ -202,11 +206,12 @@ class Broker:
             self._discard(session)
         else:
             session.disconnected_at = self.now()
-            self._expiring.append((session.disconnected_at, session))
+            self._offline[session] = None
         if session.is_device:
             self.events.presence(session.username, False)  # type: ignore[arg-type]
 
     def _discard(self, session: Session) -> None:
+        self._offline.pop(session, None)
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
         if session.username:
@@ -369,27 +374,26 @@ class Broker:
     def _sweep(self) -> None:
         now = self.now()
         try:
-            for connection in self._deadlines.due(now):
-                self._check_deadline(connection, now)
+            for connection in self._connect_deadlines.due(now):
+                self._check_connect(connection, now)
+            for connection in self._keepalive_deadlines.due(now):
+                self._check_keepalive(connection, now)
             self._expire_sessions(now)
         except Exception:
             log.exception("the MQTT sweep failed")
         if self._serving:
             self._sweeper = self._loop.call_later(_SWEEP_PERIOD, self._sweep)
 
-    def _check_deadline(self, connection: MqttConnection, now: float) -> None:
-        state = connection.state
-        if state == WAITING:
-            if now >= connection.opened_at + self.limits.connect_timeout:
-                self.refused(connection, "no_connect",
-                             f"no complete CONNECT within {self.limits.connect_timeout:.0f} s")
-                connection.discard()
-            else:
-                self._deadlines.add(connection.opened_at + self.limits.connect_timeout, connection)
-        elif state == OPEN and connection.keepalive:
+    def _check_connect(self, connection: MqttConnection, now: float) -> None:
+        if connection.state == WAITING:
+            self.refused(connection, "no_connect", f"no complete CONNECT within {self.limits.connect_timeout:.0f} s")
+            connection.discard()
+
+    def _check_keepalive(self, connection: MqttConnection, now: float) -> None:
+        if connection.state == OPEN and connection.keepalive:
             if connection.blocked:
                 # Waiting on us (a report being committed), not on the client.
-                self._deadlines.add(now + connection.keepalive, connection)
+                self._keepalive_deadlines.add(now + connection.keepalive, connection)
                 return
             deadline = connection.last_received + connection.keepalive
             if now >= deadline:
@@ -397,14 +401,15 @@ class Broker:
                          connection.describe())
                 connection.close()  # the will goes out, as for any connection lost without DISCONNECT
             else:
-                self._deadlines.add(deadline, connection)
+                self._keepalive_deadlines.add(deadline, connection)
 
     def _expire_sessions(self, now: float) -> None:
-        expiry, expiring = self.limits.session_expiry, self._expiring
-        while expiring and expiring[0][0] + expiry <= now:
-            gone_at, session = expiring.popleft()
-            if session.connection is None and session.disconnected_at == gone_at:
-                self._discard(session)  # a client that never came back
+        expiry, offline = self.limits.session_expiry, self._offline
+        while offline:
+            oldest = next(iter(offline))
+            if oldest.disconnected_at + expiry > now:
+                break
+            self._discard(oldest)  # a client that never came back (also takes it out of offline)
 
     # --- lifecycle ---
 
@@ -426,5 +431,6 @@ class Broker:
             connection.will = None
             connection.close()
         await asyncio.sleep(0)  # let the transports report their ends
-        self._deadlines.clear()
-        self._expiring.clear()
+        self._connect_deadlines.clear()
+        self._keepalive_deadlines.clear()
+        self._offline.clear()

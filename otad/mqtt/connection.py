@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAITING, AUTHENTICATING, OPEN, CLOSED = 0, 1, 2, 3
+_BUFFERED_WHILE_WAITING = 65536  # bytes read ahead while a CONNECT is authenticated, then pause
 # Fixed-header flags each packet type must carry (2.2.2); PUBLISH's are its own.
 _REQUIRED_FLAGS = {protocol.PUBACK: 0, protocol.PUBREC: 0, protocol.PUBREL: 2, protocol.PUBCOMP: 0,
                    protocol.SUBSCRIBE: 2, protocol.UNSUBSCRIBE: 2, protocol.PINGREQ: 0, protocol.DISCONNECT: 0}
@@ -35,7 +36,7 @@ _REQUIRED_FLAGS = {protocol.PUBACK: 0, protocol.PUBREC: 0, protocol.PUBREL: 2, p
 
 class MqttConnection(asyncio.Protocol):
     __slots__ = ("broker", "transport", "state", "session", "will", "keepalive", "opened_at", "last_received",
-                 "_pending", "_blocked", "_detached", "_counted", "peer")
+                 "_pending", "_blocked", "_paused", "_detached", "_counted", "peer")
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -48,6 +49,7 @@ class MqttConnection(asyncio.Protocol):
         self.last_received = 0.0
         self._pending: bytearray | None = None  # bytes received, not yet a whole packet (or not yet read)
         self._blocked = False  # an authentication or a report is pending: later packets wait
+        self._paused = False  # the transport is not reading meanwhile
         self._detached = False
         self._counted = False
         self.peer = None
@@ -69,6 +71,8 @@ class MqttConnection(asyncio.Protocol):
             return
         self.last_received = self.broker.now()
         self._feed(data)
+        if self._blocked and not self._paused and self._pending and len(self._pending) > _BUFFERED_WHILE_WAITING:
+            self._pause()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -135,7 +139,9 @@ class MqttConnection(asyncio.Protocol):
             self._refuse_protocol(str(exc))
             return
         self.state = AUTHENTICATING
-        self._block()
+        # Not paused: a client waits for its CONNACK before sending much, and pausing costs two
+        # epoll calls per handshake. What it sends meanwhile is buffered (up to a bound, then paused).
+        self._blocked = True
         self.broker.handshake(self, connect)
 
     def _on_packet(self, first: int, data: bytes | bytearray, start: int, end: int) -> None:
@@ -186,8 +192,10 @@ class MqttConnection(asyncio.Protocol):
             self.published(topic, qos, packet_id, retain, payload)
             return
         # An OTA report is committed before its PUBACK (or PUBREC) goes out and before this
-        # connection's next packet is read: a PUBACK means the report is durable.
-        self._block()
+        # connection's next packet is read: a PUBACK means the report is durable; a device that
+        # sends faster than reports commit is slowed down by TCP.
+        self._blocked = True
+        self._pause()
         broker.apply_report(self, report, (topic, qos, packet_id, retain, payload))
 
     def published(self, topic: str, qos: int, packet_id: int, retain: bool, payload: bytes) -> None:
@@ -208,9 +216,9 @@ class MqttConnection(asyncio.Protocol):
 
     # --- waiting without reading ---
 
-    def _block(self) -> None:
-        self._blocked = True
-        if self.transport is not None:
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
             self.transport.pause_reading()
 
     def unblock(self) -> None:
@@ -220,7 +228,8 @@ class MqttConnection(asyncio.Protocol):
         self._blocked = False
         if self._pending:
             self._feed(b"")
-        if not self._blocked and self.state != CLOSED and self.transport is not None:
+        if not self._blocked and self._paused and self.state != CLOSED and self.transport is not None:
+            self._paused = False
             self.transport.resume_reading()
 
     @property

@@ -25,30 +25,36 @@ _INFLIGHT_PUBLISH, _INFLIGHT_PUBREL = 0, 1  # awaiting PUBACK/PUBREC, awaiting P
 
 class Outgoing:
     """One message on its way to many subscribers, encoded once per (QoS, retain) it is sent at;
-    only the two bytes of the packet id differ between QoS 1/2 copies."""
+    only the two bytes of the packet id differ between QoS 1/2 copies. Most fan-outs need one
+    variant, kept in a slot; further ones in a small dictionary."""
 
-    __slots__ = ("topic", "payload", "_topic_bytes", "_heads")
+    __slots__ = ("topic", "payload", "_variant", "_head", "_others")
 
     def __init__(self, topic: str, payload: bytes) -> None:
         self.topic = topic
         self.payload = payload
-        self._topic_bytes: bytes | None = None
-        self._heads: dict[int, bytes] | None = None
+        self._variant = -1
+        self._head = b""
+        self._others: dict[int, bytes] | None = None
 
     def head(self, qos: int, retain: bool) -> bytes:
         variant = qos << 1 | retain
-        heads = self._heads
-        if heads is None:
-            heads = self._heads = {}
-        head = heads.get(variant)
+        if variant == self._variant:
+            return self._head
+        if self._variant < 0:
+            self._variant, self._head = variant, self._encode(qos, retain)
+            return self._head
+        if self._others is None:
+            self._others = {}
+        head = self._others.get(variant)
         if head is None:
-            if self._topic_bytes is None:
-                self._topic_bytes = self.topic.encode()
-            head = heads[variant] = protocol.publish_head(self._topic_bytes, qos, retain, False, len(self.payload))
-            if not qos:
-                # QoS 0: the whole packet is the same for every subscriber.
-                head = heads[variant] = head + self.payload
+            head = self._others[variant] = self._encode(qos, retain)
         return head
+
+    def _encode(self, qos: int, retain: bool) -> bytes:
+        head = protocol.publish_head(self.topic.encode(), qos, retain, False, len(self.payload))
+        # QoS 0: the whole packet is the same for every subscriber.
+        return head if qos else head + self.payload
 
 
 class Session:

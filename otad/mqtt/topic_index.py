@@ -17,8 +17,11 @@ class _Node:
     __slots__ = ("children", "key")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
+        self.children: dict[str, _Node] = _NO_CHILDREN  # shared until the node gets a child
         self.key: str | None = None  # the stored string that ends at this node
+
+
+_NO_CHILDREN: dict[str, _Node] = {}  # never written to: add() gives a node its own dict first
 
 
 class TopicTrie:
@@ -32,7 +35,12 @@ class TopicTrie:
     def add(self, key: str) -> None:
         node = self._root
         for level in key.split("/"):
-            node = node.children.setdefault(level, _Node())
+            child = node.children.get(level)
+            if child is None:
+                if node.children is _NO_CHILDREN:
+                    node.children = {}
+                child = node.children[level] = _Node()
+            node = child
         if node.key is None:
             self._size += 1
         node.key = key
