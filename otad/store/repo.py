@@ -282,11 +282,14 @@ async def mark_all_offline() -> None:
     await Device.filter(online=True).update(online=False)
 
 
+@translate_storage_errors
 async def save_presence(presence: dict[str, tuple[bool, datetime]]) -> None:
-    """Write devices' online flag and last-seen time, batched by the caller."""
-    async with in_transaction():
-        for name, (online, last_seen) in presence.items():
-            await Device.filter(name=name).update(online=online, last_seen=last_seen)
+    """Write devices' online flag and last-seen time, batched by the caller: one statement for
+    all (a fleet reconnecting is 10,000 rows; one round trip each held the database from the
+    report batches for seconds)."""
+    async with in_transaction() as conn:
+        await conn.execute_many('UPDATE "device" SET "online" = ?, "last_seen" = ? WHERE "name" = ?',
+                                [[online, last_seen, name] for name, (online, last_seen) in presence.items()])
 
 
 async def devices_of_product(product_id: int, after_id: int = 0) -> list[tuple[int, str]]:
