@@ -66,7 +66,9 @@ class EmbeddedBroker:
 
     def _reply(self, device_name: str, payload: bytes) -> None:
         assert self._broker is not None
-        self._broker.publish(ota_report_reply_topic(device_name), payload)
+        # QoS 0: the report it answers is already durable, and a reply only matters to a device
+        # that is listening now; no PUBACK to wait for, no copy queued for a device that left.
+        self._broker.publish(ota_report_reply_topic(device_name), payload, qos=0)
 
     async def stop(self) -> None:
         """Stop accepting, end the sessions, then stop (reports not yet applied were not
