@@ -25,10 +25,11 @@ from otad.service.reports import ReportReply, Reports
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 1.0
+_WAKE_PER_TURN = 50
 
 
 class ReportIngest:
-    def __init__(self, reports: Reports, health: StorageHealth, max_batch: int = 500) -> None:
+    def __init__(self, reports: Reports, health: StorageHealth, max_batch: int = 2000) -> None:
         self._reports = reports
         self._health = health
         self._max_batch = max_batch
@@ -112,7 +113,11 @@ class ReportIngest:
                 replies = await self._one_at_a_time(items)
                 break
         self._health.ok(DATABASE)
-        for (_, _, future), reply in zip(batch, replies):
+        for index, ((_, _, future), reply) in enumerate(zip(batch, replies)):
+            if index and index % _WAKE_PER_TURN == 0:
+                # Each answer wakes a connection (PUBACK, reply, its next packet): a few dozen per
+                # loop turn, so an HTTP request waits for dozens, not for the whole batch.
+                await asyncio.sleep(0)
             if future.done():
                 continue
             if isinstance(reply, BaseException):

@@ -10,6 +10,7 @@ chatty device cannot grow the database without bound.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 1024
 _ENDED_WITHOUT_OUTCOME = (UpgradeState.CANCELLED, UpgradeState.TIMED_OUT, UpgradeState.SUPERSEDED)
 _RACE_RETRIES = 5
+_PER_TURN = 200  # reports parsed or planned per event-loop turn
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,9 @@ class Reports:
         Never raises for bad input. Raises ``StorageUnavailable`` when the batch could not be
         written (nothing of it was): the caller retries, the devices have no PUBACK yet."""
         parsed: list[Report | ReportReply] = []
-        for device_name, payload in items:
+        for index, (device_name, payload) in enumerate(items):
+            if index and index % _PER_TURN == 0:
+                await asyncio.sleep(0)  # a big batch must not hold the event loop in one piece
             try:
                 parsed.append(parse_report(device_name, payload))
             except Refused as refused:
@@ -137,7 +141,7 @@ class Reports:
         reports = [report for report in parsed if isinstance(report, Report)]
         for _ in range(_RACE_RETRIES):
             targets = await report_writes.load_report_targets(report.version for report in reports)
-            replies, writes, changes = self._plan(reports, targets)
+            replies, writes, changes = await self._plan(reports, targets)
             if not writes or await report_writes.apply_report_writes(writes):
                 break
             # Another writer moved one of these upgrades between the read and the write: read again.
@@ -152,13 +156,17 @@ class Reports:
         answers = iter(replies)
         return [next(answers) if isinstance(item, Report) else item for item in parsed]
 
-    def _plan(self, reports: list[Report], targets: dict[str, ReportTarget]
-              ) -> tuple[list[ReportReply], ReportWrites, list[UpgradeChange]]:
+    async def _plan(self, reports: list[Report], targets: dict[str, ReportTarget]
+                    ) -> tuple[list[ReportReply], ReportWrites, list[UpgradeChange]]:
+        """The writes of a batch, from the reports in arrival order. Nothing else plans meanwhile
+        (one ingest task); a change made elsewhere in between is caught by the compare-and-set."""
         now = self._upgrades.clock()
         writes = ReportWrites()
         working: dict[int, _Working] = {}
         replies: list[ReportReply] = []
-        for report in reports:
+        for index, report in enumerate(reports):
+            if index and index % _PER_TURN == 0:
+                await asyncio.sleep(0)
             target = targets.get(report.version)
             if target is None or target.device_name != report.device_name:
                 replies.append(self._refuse(report.device_name, report.version, "no such upgrade for this device"))

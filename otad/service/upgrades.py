@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -152,12 +154,22 @@ class UpgradeService:
     async def changed(self, changes: list[UpgradeChange]) -> None:
         """Upgrades changed state (already written): an upgrade that ended takes its command with
         it, never delivered again, retained or queued; then the listeners hear of it."""
-        for change in changes:
+        # One line per ended upgrade while few end at once; a burst is summed up in one line (a
+        # campaign's last reports are thousands of ends in a second).
+        ended: Counter = Counter()
+        for index, change in enumerate(changes):
+            if index and index % 200 == 0:
+                await asyncio.sleep(0)  # thousands of commands withdrawn must not hold the loop
             if change.new in TERMINAL_STATES and change.new != UpgradeState.SUPERSEDED:
                 await self._publisher.clear_command(change.device_name)
-                log.info("upgrade %s of %s: %s -> %s", change.version, change.device_name, change.old, change.new)
+                ended[change.new] += 1
+                if len(changes) <= 10:
+                    log.info("upgrade %s of %s: %s -> %s", change.version, change.device_name, change.old,
+                             change.new)
             else:
                 log.debug("upgrade %s of %s: %s -> %s", change.version, change.device_name, change.old, change.new)
+        if len(changes) > 10 and ended:
+            log.info("%s upgrades ended", ", ".join(f"{n} {state}" for state, n in sorted(ended.items())))
         for listener in self._listeners:
             try:
                 listener(changes)
