@@ -46,6 +46,14 @@ class MqttSettings:
     connect_timeout: float
     max_connections: int
     max_packet_size: int
+    # Per-device quotas (otad.mqtt.quotas).
+    max_retained_per_device: int = 100
+    max_retained_bytes_per_device: int = 1024**2
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 4 * 1024**2
+    max_inflight: int = 20
+    max_unreleased_qos2: int = 100
+    max_sessions_per_user: int = 10
 
 
 @dataclass(frozen=True)
@@ -289,6 +297,13 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.connect_timeout", _parse_positive_float, 10.0),
     Key("mqtt.max_connections", _parse_positive_int, 20_000),
     Key("mqtt.max_packet_size", _parse_size, 1024**2),
+    Key("mqtt.max_retained_per_device", _parse_positive_int, 100),
+    Key("mqtt.max_retained_bytes_per_device", _parse_size, 1024**2),
+    Key("mqtt.max_queued_messages", _parse_positive_int, 1000),
+    Key("mqtt.max_queued_bytes", _parse_size, 4 * 1024**2),
+    Key("mqtt.max_inflight", _parse_positive_int, 20),
+    Key("mqtt.max_unreleased_qos2", _parse_positive_int, 100),
+    Key("mqtt.max_sessions_per_user", _parse_positive_int, 10),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -385,6 +400,13 @@ def load_settings(
             connect_timeout=values["mqtt.connect_timeout"],
             max_connections=values["mqtt.max_connections"],
             max_packet_size=values["mqtt.max_packet_size"],
+            max_retained_per_device=values["mqtt.max_retained_per_device"],
+            max_retained_bytes_per_device=values["mqtt.max_retained_bytes_per_device"],
+            max_queued_messages=values["mqtt.max_queued_messages"],
+            max_queued_bytes=values["mqtt.max_queued_bytes"],
+            max_inflight=values["mqtt.max_inflight"],
+            max_unreleased_qos2=values["mqtt.max_unreleased_qos2"],
+            max_sessions_per_user=values["mqtt.max_sessions_per_user"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),

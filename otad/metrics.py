@@ -28,3 +28,7 @@ class Metrics:
         self.http_latency = Histogram("otad_http_request_duration_seconds", "HTTP request latency by route",
                                       ["route", "method", "status"], registry=r,
                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
+        self.mqtt_quota_refusals = Counter("otad_mqtt_quota_refusals",
+                                           "MQTT messages or sessions refused, dropped or held back by a quota, "
+                                           "by kind (retained, queue, inflight, qos2, sessions)", ["kind"],
+                                           registry=r)

@@ -13,6 +13,7 @@ import logging
 import math
 import secrets
 
+from otad.config import MqttSettings
 from otad.metrics import Metrics
 from otad.mqtt import protocol
 from otad.mqtt.access import AccessPolicy, Verdict
@@ -20,7 +21,8 @@ from otad.mqtt.admission import TurnGate
 from otad.mqtt.connection import AUTHENTICATING, OPEN, WAITING, MqttConnection
 from otad.mqtt.events import DeviceEvents
 from otad.mqtt.index import RetainedMessages, SubscriptionIndex
-from otad.mqtt.sessions import Outgoing, Session, SessionKey
+from otad.mqtt.quotas import Quotas, RetainedUsage, message_size
+from otad.mqtt.sessions import RETAINED, Outgoing, Session, SessionKey
 from otad.mqtt.sweep import DeadlineWheel
 from otad.mqtt.topics import reporting_device
 
@@ -42,8 +44,10 @@ class BrokerLimits:
 
 
 class Broker:
-    def __init__(self, limits: BrokerLimits, policy: AccessPolicy, events: DeviceEvents, metrics: Metrics) -> None:
+    def __init__(self, limits: BrokerLimits, policy: AccessPolicy, events: DeviceEvents, metrics: Metrics,
+                 settings: MqttSettings | None = None) -> None:
         self.limits = limits
+        self.quotas = quotas = Quotas.of(settings) if settings is not None else Quotas()
         self.max_packet_size = limits.max_packet_size
         self.policy = policy
         self.events = events
@@ -54,6 +58,7 @@ class Broker:
         self._by_user: dict[str, set[Session]] = {}
         self._subscriptions = SubscriptionIndex()
         self._retained = RetainedMessages()
+        self._retained_usage = RetainedUsage(quotas)
         self._connections: set[MqttConnection] = set()
         self._connected = 0
         self._handshakes = TurnGate(_HANDSHAKES_PER_TURN)
@@ -164,6 +169,8 @@ class Broker:
             self._offline.pop(session, None)
         session.connection = connection
         self._connected += 1
+        if not present and not session.clean and session.username:
+            self._bound_sessions(session.username)  # this one is live: never the one to go
         connection.will = connect.will
         if connect.keepalive:
             connection.keepalive = math.ceil(connect.keepalive * 1.5)  # [MQTT-3.1.2-24]
@@ -182,10 +189,12 @@ class Broker:
             connection.write(packet)
             sent += 1
         if session.queue:
-            queued, session.queue = session.queue, None
-            for topic, payload, qos in queued:
-                self._send(session, Outgoing(topic, payload), qos, False)
-                sent += 1
+            for topic, payload, _ in session.queue:
+                if topic in self._retained:  # it will be delivered: a re-SUBSCRIBE must not add a copy
+                    if session.sent is None:
+                        session.sent = {}
+                    session.sent[topic] = payload
+            sent += self._send_queued(session)
         if sent:
             self.metrics.mqtt_messages_out.inc(sent)
 
@@ -207,8 +216,39 @@ class Broker:
         else:
             session.disconnected_at = self.now()
             self._offline[session] = None
+            if session.username:
+                self._bound_sessions(session.username)
         if session.is_device:
             self.events.presence(session.username, False)  # type: ignore[arg-type]
+
+    def _bound_sessions(self, username: str) -> None:
+        """At most ``sessions_per_user`` persistent sessions per username: past it, the ones longest
+        disconnected go (a live session is never ended for this)."""
+        persistent = [session for session in self._by_user.get(username, ()) if not session.clean]
+        excess = len(persistent) - self.quotas.sessions_per_user
+        if excess <= 0:
+            return
+        offline = sorted((session for session in persistent if session.connection is None),
+                         key=lambda session: session.disconnected_at)
+        for session in offline[:excess]:
+            self._quota_refused("sessions", "%r: %d persistent sessions is the limit; dropping the one of client %r",
+                                username, self.quotas.sessions_per_user, session.key[1])
+            self._discard(session)
+
+    def _quota_refused(self, kind: str, message: str, *args: object) -> None:
+        # INFO, not WARNING: a device pushing against a quota would otherwise flood the log; the
+        # metric shows how often it happens.
+        self.metrics.mqtt_quota_refusals.labels(kind).inc()
+        log.info("MQTT quota (%s): " + message, kind, *args)
+
+    def admits_qos2(self, session: Session, packet_id: int) -> bool:
+        """Whether a new incoming QoS 2 PUBLISH fits the unreleased (no PUBREL yet) quota."""
+        received = session.received
+        if received is None or packet_id in received or len(received) < self.quotas.unreleased_qos2:
+            return True
+        self._quota_refused("qos2", "client %r has %d QoS 2 messages unreleased; closing", session.key[1],
+                            len(received))
+        return False
 
     def _discard(self, session: Session) -> None:
         self._offline.pop(session, None)
@@ -261,8 +301,20 @@ class Broker:
 
     def _publish_from(self, session: Session | None, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.route(topic, payload, qos)
-        if retain:
-            self._retained.set(topic, payload, qos)
+        if not retain:
+            return
+        if not payload:
+            self._retained_usage.forget(topic)
+        elif not self._retained_usage.admit(topic, payload):
+            # Still delivered to whoever is subscribed now; only not kept.
+            self._quota_refused("retained", "not retaining %d bytes on %r: the device's retained quota is full",
+                                len(payload), topic)
+            return
+        self._retained.set(topic, payload, qos)
+
+    def retained_usage(self, device: str) -> tuple[int, int]:
+        """(messages, bytes) retained by clients on ``device``'s topics."""
+        return self._retained_usage.usage(device)
 
     def subscribe(self, connection: MqttConnection, packet_id: int, filters: list[tuple[str, int]]) -> None:
         session = connection.session
@@ -296,8 +348,7 @@ class Broker:
             if session.sent is not None and session.sent.get(topic) == payload:
                 continue  # this connection already got it (queued while offline, or live)
             if self.policy.may_use(session.verdict, session.username, topic):
-                self._send(session, Outgoing(topic, payload), min(qos, retained_qos), True)
-                sent += 1
+                sent += self._send(session, Outgoing(topic, payload), min(qos, retained_qos), True)
         if sent:
             self.metrics.mqtt_messages_out.inc(sent)
 
@@ -319,25 +370,57 @@ class Broker:
             delivered_qos = granted if granted < qos else qos
             if session.connection is None:
                 if not session.clean and delivered_qos:
-                    session.enqueue(topic, payload, delivered_qos)
+                    self._enqueue(session, topic, payload, delivered_qos)
                 continue
-            self._send(session, message, delivered_qos, False)
-            sent += 1
+            sent += self._send(session, message, delivered_qos, False)
         if sent:
             self.metrics.mqtt_messages_out.inc(sent)
 
-    def _send(self, session: Session, message: Outgoing, qos: int, retain: bool) -> None:
+    def _send(self, session: Session, message: Outgoing, qos: int, retain: bool) -> int:
+        """Send now, or (QoS 1/2) queue behind a full in-flight window, what is already queued, or the
+        session's byte quota; returns how many packets went out."""
         connection = session.connection
         assert connection is not None
-        if qos:
-            packet_id = session.track(message.topic, message.payload, qos)
-            connection.write(message.head(qos, retain) + protocol.packet_id_bytes(packet_id) + message.payload)
-        else:
-            connection.write(message.head(0, retain))
         if message.topic in self._retained:
             if session.sent is None:
                 session.sent = {}
             session.sent[message.topic] = message.payload  # so a re-SUBSCRIBE does not get it again
+        if not qos:
+            connection.write(message.head(0, retain))
+            return 1
+        quotas = self.quotas
+        if session.queue or session.inflight_count() >= quotas.inflight \
+                or session.held_bytes + message_size(message.topic, message.payload) > quotas.queued_bytes:
+            if not session.queue and session.inflight_count() >= quotas.inflight:
+                self.metrics.mqtt_quota_refusals.labels("inflight").inc()  # held back, not dropped
+            self._enqueue(session, message.topic, message.payload, qos | (RETAINED if retain else 0))
+            return self._send_queued(session)
+        packet_id = session.track(message.topic, message.payload, qos)
+        connection.write(message.head(qos, retain) + protocol.packet_id_bytes(packet_id) + message.payload)
+        return 1
+
+    def _enqueue(self, session: Session, topic: str, payload: bytes, qos: int) -> None:
+        dropped = session.enqueue(topic, payload, qos, self.quotas)
+        if dropped:
+            self.metrics.mqtt_quota_refusals.labels("queue").inc(dropped)
+            log.info("MQTT quota (queue): client %r: %d queued message(s) dropped, the oldest first",
+                     session.key[1], dropped)
+
+    def _send_queued(self, session: Session) -> int:
+        """Send queued messages, oldest first, while the in-flight window has room."""
+        connection, sent = session.connection, 0
+        while connection is not None and session.queue and session.inflight_count() < self.quotas.inflight:
+            topic, payload, flags = session.next_queued()
+            qos, retain = flags & 3, bool(flags & RETAINED)
+            packet_id = session.track(topic, payload, qos)
+            connection.write(protocol.publish(topic, payload, qos, packet_id, retain=retain))
+            sent += 1
+        return sent
+
+    def acknowledged(self, session: Session) -> None:
+        """A PUBACK or PUBCOMP freed an in-flight slot: what waited for one goes out."""
+        if session.queue and (sent := self._send_queued(session)):
+            self.metrics.mqtt_messages_out.inc(sent)
 
     # --- the service's commands ---
 
@@ -349,9 +432,13 @@ class Broker:
         subscribers = self._subscriptions.subscribers_of(topic)
         for session in subscribers:
             session.forget_topic(topic)
+        self._retained_usage.forget(topic)  # the server's now: never counted against the device
         self._retained.set(topic, payload, 1)
         if payload and send:
             self.route(topic, payload, 1, subscribers)
+        for session in subscribers:  # slots the forgotten copies held are free again
+            if session.connection is not None and session.queue:
+                self.acknowledged(session)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """An in-process publish, not retained (replies to devices)."""

@@ -154,13 +154,15 @@ class MqttConnection(asyncio.Protocol):
         if kind == protocol.PUBLISH:
             self._on_publish(first, data, start, end)
         elif kind == protocol.PUBACK:
-            session.acknowledged(protocol.decode_packet_id(data, start, end), 1)
+            if session.acknowledged(protocol.decode_packet_id(data, start, end), 1):
+                self.broker.acknowledged(session)
         elif kind == protocol.PUBREC:
             packet_id = protocol.decode_packet_id(data, start, end)
             if session.released(packet_id):
                 self.write(protocol.ack(protocol.PUBREL, packet_id))
         elif kind == protocol.PUBCOMP:
-            session.acknowledged(protocol.decode_packet_id(data, start, end), 2)
+            if session.acknowledged(protocol.decode_packet_id(data, start, end), 2):
+                self.broker.acknowledged(session)
         elif kind == protocol.PUBREL:
             packet_id = protocol.decode_packet_id(data, start, end)
             session.release_qos2(packet_id)
@@ -204,6 +206,9 @@ class MqttConnection(asyncio.Protocol):
             return
         session = self.session
         assert session is not None
+        if qos == 2 and not self.broker.admits_qos2(session, packet_id):
+            self.close()  # past the unreleased QoS 2 quota: a client that never sends PUBREL
+            return
         route = qos != 2 or session.received_qos2(packet_id)  # a re-sent QoS 2 PUBLISH is routed once
         # Acknowledged before it is routed: a client subscribed to its own topic gets its PUBACK
         # first, as it would from a broker that routes later in the loop.

@@ -39,7 +39,7 @@ class EmbeddedBroker:
         limits = BrokerLimits(settings.max_packet_size, settings.max_connections, settings.connect_timeout,
                               settings.session_expiry_interval)
         broker = self._broker = Broker(limits, policy, DeviceEvents(on_report, on_presence, self._reply),
-                                       self._metrics)
+                                       self._metrics, settings)
         try:
             # asyncio uses one number for two things: the kernel's accept queue and how many
             # connections it accepts per event-loop turn. A fleet reconnecting at once (after a

@@ -10,10 +10,12 @@ as None.
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from otad.mqtt import protocol
 from otad.mqtt.access import Verdict
+from otad.mqtt.quotas import Quotas, is_command_topic, message_size
 
 if TYPE_CHECKING:
     from otad.mqtt.connection import MqttConnection
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 SessionKey = tuple[str, str]  # (username or "", client id): one device never reaches another's session
 
 _INFLIGHT_PUBLISH, _INFLIGHT_PUBREL = 0, 1  # awaiting PUBACK/PUBREC, awaiting PUBCOMP
+RETAINED = 4  # or-ed into a queued message's QoS: a retained copy held back by a full in-flight window
 
 
 class Outgoing:
@@ -59,7 +62,7 @@ class Outgoing:
 
 class Session:
     __slots__ = ("key", "username", "verdict", "clean", "subscriptions", "queue", "inflight", "received",
-                 "_next_id", "connection", "sent", "disconnected_at")
+                 "_next_id", "connection", "sent", "disconnected_at", "held_bytes")
 
     def __init__(self, key: SessionKey, username: str | None, verdict: Verdict, clean: bool) -> None:
         self.key = key
@@ -67,7 +70,8 @@ class Session:
         self.verdict = verdict
         self.clean = clean
         self.subscriptions: dict[str, int] | None = None  # filter -> granted QoS
-        self.queue: deque[tuple[str, bytes, int]] | None = None  # queued while offline
+        # queued while offline, or while the in-flight window is full: (topic, payload, QoS | RETAINED)
+        self.queue: deque[tuple[str, bytes, int]] | None = None
         # packet id -> [topic, payload, qos, stage]: sent, not yet acknowledged (insertion = send order)
         self.inflight: dict[int, list] | None = None
         self.received: set[int] | None = None  # incoming QoS 2 packet ids awaiting their PUBREL
@@ -77,6 +81,7 @@ class Session:
         # the retained copy of a command the device has (or has in flight) again.
         self.sent: dict[str, bytes] | None = None
         self.disconnected_at = 0.0
+        self.held_bytes = 0  # topic and payload bytes queued and in flight (the byte quota's measure)
 
     @property
     def is_device(self) -> bool:
@@ -94,7 +99,11 @@ class Session:
         if self.inflight is None:
             self.inflight = {}
         self.inflight[packet_id] = [topic, payload, qos, _INFLIGHT_PUBLISH]
+        self.held_bytes += message_size(topic, payload)
         return packet_id
+
+    def inflight_count(self) -> int:
+        return len(self.inflight) if self.inflight else 0
 
     def acknowledged(self, packet_id: int, qos: int) -> bool:
         """PUBACK (``qos`` 1) or PUBCOMP (``qos`` 2) ends a flow; True when it was one of ours."""
@@ -105,6 +114,7 @@ class Session:
         if entry is None or entry[2] != qos or entry[3] != (_INFLIGHT_PUBLISH if qos == 1 else _INFLIGHT_PUBREL):
             return False
         del inflight[packet_id]
+        self.held_bytes -= message_size(entry[0], entry[1])
         if not inflight:
             self.inflight = None
         return True
@@ -131,17 +141,53 @@ class Session:
         """Drop what is queued or in flight on ``topic`` (a superseded or cleared command)."""
         if self.queue:
             kept = [item for item in self.queue if item[0] != topic]
+            self.held_bytes -= sum(message_size(item[0], item[1]) for item in self.queue if item[0] == topic)
             self.queue = deque(kept) if kept else None
         if self.inflight:
             for packet_id in [pid for pid, entry in self.inflight.items() if entry[0] == topic]:
-                del self.inflight[packet_id]
+                entry = self.inflight.pop(packet_id)
+                self.held_bytes -= message_size(entry[0], entry[1])
             if not self.inflight:
                 self.inflight = None
 
-    def enqueue(self, topic: str, payload: bytes, qos: int) -> None:
+    def enqueue(self, topic: str, payload: bytes, qos: int, quotas: Quotas | None = None) -> int:
+        """Queue a message; past the quotas (messages queued; bytes queued and in flight) drop the
+        oldest queued one that is not the latest OTA command of its topic, perhaps this one.
+        Returns how many were dropped."""
         if self.queue is None:
             self.queue = deque()
-        self.queue.append((topic, payload, qos))
+        queue = self.queue
+        queue.append((topic, payload, qos))
+        self.held_bytes += message_size(topic, payload)
+        if quotas is None:
+            return 0
+        dropped = 0
+        while (len(queue) > quotas.queued_messages or self.held_bytes > quotas.queued_bytes) and self._drop_oldest():
+            dropped += 1
+        if not queue:
+            self.queue = None
+        return dropped
+
+    def _drop_oldest(self) -> bool:
+        queue = self.queue
+        assert queue is not None
+        for index, (topic, payload, _) in enumerate(queue):
+            if is_command_topic(topic) and not any(later[0] == topic for later in islice(queue, index + 1, None)):
+                continue  # the command a device must get: what the server last said on that topic
+            del queue[index]
+            self.held_bytes -= message_size(topic, payload)
+            return True
+        return False
+
+    def next_queued(self) -> tuple[str, bytes, int]:
+        """Take the oldest queued message (the queue must not be empty)."""
+        queue = self.queue
+        assert queue
+        item = queue.popleft()
+        if not queue:
+            self.queue = None
+        self.held_bytes -= message_size(item[0], item[1])
+        return item
 
     def received_qos2(self, packet_id: int) -> bool:
         """Note an incoming QoS 2 PUBLISH; False when it is a re-send already routed."""
