@@ -384,3 +384,14 @@ async def test_a_fleet_fans_out_with_one_message_each(lab):
         assert await client.no_message(within=0.05)
     for client in clients + [pub]:
         await client.close()
+
+
+async def test_an_empty_client_id_needs_a_clean_session(lab):
+    """[MQTT-3.1.3-7] an empty client id is given one for a clean session; [MQTT-3.1.3-8] with
+    CleanSession 0 it is refused with CONNACK 0x02 (identifier rejected), no session made."""
+    client = RawClient(lab.mqtt_port)
+    assert await client.connect("", clean=False) == (False, 0x02)
+    assert await client.closed_by_server()
+    clean = RawClient(lab.mqtt_port)
+    assert await clean.connect("", clean=True) == (False, 0)
+    await clean.disconnect()

@@ -135,6 +135,13 @@ class Broker:
             # another device's topic, or retained on the device's own command topic.
             log.warning("MQTT CONNECT of %r refused: will topic %r is not its own", connect.username, will.topic)
             verdict = Verdict.REFUSED
+        if verdict != Verdict.REFUSED and not connect.client_id and not connect.clean_session:
+            # [MQTT-3.1.3-8] a persistent session needs an id the client can come back with.
+            log.info("MQTT CONNECT of %r refused: an empty client id with CleanSession 0", connect.username)
+            self.metrics.mqtt_refused.labels("identifier_rejected").inc()
+            connection.write(protocol.connack(protocol.IDENTIFIER_REJECTED))
+            connection.discard()
+            return
         if verdict == Verdict.REFUSED:
             log.warning("MQTT login refused for %r from %s", connect.username, connection.peer)
             self.metrics.mqtt_refused.labels("not_authorized").inc()
