@@ -35,6 +35,8 @@ class HttpSettings:
     body_timeout: float = 60.0  # seconds a request body may go without sending a byte
     keepalive_timeout: float = 30.0  # seconds a keep-alive connection may sit idle between requests
     max_connections: int = 0  # open HTTP connections; 0: a share of the open-file limit
+    certfile: Path | None = None  # with keyfile: the API is served over HTTPS
+    keyfile: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class MqttSettings:
     max_inflight: int = 20
     max_unreleased_qos2: int = 100
     max_sessions_per_user: int = 10
+    tls_port: int = 0  # MQTT over TLS; 0: off
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    cafile: Path | None = None  # set: the TLS port requires client certificates signed by it
+    ws_port: int = 0  # MQTT over WebSocket (subprotocol mqtt); 0: off
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,14 @@ def _parse_port(raw: Any) -> int:
     value = _parse_int(raw)
     if not 1 <= value <= 65535:
         raise ValueError(f"must be a port between 1 and 65535 (got {raw!r})")
+    return value
+
+
+def _parse_optional_port(raw: Any) -> int:
+    """A port, or 0 for a listener that is off."""
+    value = _parse_int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port between 1 and 65535, or 0 for off (got {raw!r})")
     return value
 
 
@@ -290,6 +305,8 @@ KEYS: tuple[Key, ...] = (
     Key("http.body_timeout", _parse_positive_float, 60.0),
     Key("http.keepalive_timeout", _parse_positive_float, 30.0),
     Key("http.max_connections", _parse_count, 0, qualified=True),
+    Key("http.certfile", _parse_path, None, qualified=True),
+    Key("http.keyfile", _parse_path, None, qualified=True),
     Key("mqtt.host", _parse_host, "0.0.0.0", qualified=True),
     Key("mqtt.port", _parse_port, 1883, qualified=True),
     Key("mqtt.allow_anonymous", _parse_bool, False),
@@ -304,6 +321,11 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.max_inflight", _parse_positive_int, 20),
     Key("mqtt.max_unreleased_qos2", _parse_positive_int, 100),
     Key("mqtt.max_sessions_per_user", _parse_positive_int, 10),
+    Key("mqtt.tls_port", _parse_optional_port, 0, qualified=True),
+    Key("mqtt.certfile", _parse_path, None, qualified=True),
+    Key("mqtt.keyfile", _parse_path, None, qualified=True),
+    Key("mqtt.cafile", _parse_path, None, qualified=True),
+    Key("mqtt.ws_port", _parse_optional_port, 0, qualified=True),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -352,6 +374,25 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
 
 
+def _check_tls(values: Mapping[str, Any]) -> None:
+    """Certificate and key come as a pair, and the MQTT TLS port needs them (and they it)."""
+    for section in ("http", "mqtt"):
+        certfile, keyfile = values[f"{section}.certfile"], values[f"{section}.keyfile"]
+        if (certfile is None) != (keyfile is None):
+            missing = f"{section}.keyfile" if keyfile is None else f"{section}.certfile"
+            raise ConfigError(f"{missing} must be set too: {section}.certfile and {section}.keyfile go together")
+    has_certificate = values["mqtt.certfile"] is not None
+    if values["mqtt.tls_port"] and not has_certificate:
+        raise ConfigError("mqtt.tls_port needs mqtt.certfile and mqtt.keyfile")
+    if (has_certificate or values["mqtt.cafile"] is not None) and not values["mqtt.tls_port"]:
+        raise ConfigError("mqtt.certfile, mqtt.keyfile and mqtt.cafile are for mqtt.tls_port, which is 0 (off)")
+    if values["mqtt.cafile"] is not None and not has_certificate:
+        raise ConfigError("mqtt.cafile needs mqtt.certfile and mqtt.keyfile")
+    ports = [values[f"mqtt.{name}"] for name in ("port", "tls_port", "ws_port") if values[f"mqtt.{name}"]]
+    if len(set(ports)) != len(ports):
+        raise ConfigError("mqtt.port, mqtt.tls_port and mqtt.ws_port must differ")
+
+
 def load_settings(
     document: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -376,6 +417,7 @@ def load_settings(
         except ValueError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
     data_dir = values["data_dir"] or default_data_dir(env)
+    _check_tls(values)
     return Settings(
         data_dir=data_dir,
         log_level=values["log_level"],
@@ -391,6 +433,8 @@ def load_settings(
             body_timeout=values["http.body_timeout"],
             keepalive_timeout=values["http.keepalive_timeout"],
             max_connections=values["http.max_connections"],
+            certfile=values["http.certfile"],
+            keyfile=values["http.keyfile"],
         ),
         mqtt=MqttSettings(
             host=values["mqtt.host"],
@@ -407,6 +451,11 @@ def load_settings(
             max_inflight=values["mqtt.max_inflight"],
             max_unreleased_qos2=values["mqtt.max_unreleased_qos2"],
             max_sessions_per_user=values["mqtt.max_sessions_per_user"],
+            tls_port=values["mqtt.tls_port"],
+            certfile=values["mqtt.certfile"],
+            keyfile=values["mqtt.keyfile"],
+            cafile=values["mqtt.cafile"],
+            ws_port=values["mqtt.ws_port"],
         ),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),

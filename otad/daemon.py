@@ -34,6 +34,7 @@ from otad.service.clock import utc_now
 from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_database
 from otad.store.database import Database
 from otad.store.failures import storage_failure
+from otad.tls import Certificates
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Daemon:
                                       self.metrics)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
 
     @property
     def http_port(self) -> int:
@@ -120,6 +122,18 @@ class Daemon:
     @property
     def mqtt_port(self) -> int:
         return self._broker.port
+
+    @property
+    def mqtt_tls_port(self) -> int | None:
+        return self._broker.tls_port
+
+    @property
+    def mqtt_ws_port(self) -> int | None:
+        return self._broker.ws_port
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: re-read every TLS certificate; new connections get the new ones."""
+        self.certificates.reload()
 
     async def start(self) -> None:
         """Start every component in order; on failure, stop what started and raise StartupError."""
@@ -157,8 +171,13 @@ class Daemon:
         self._stack.push_async_callback(services.devices.flush_presence)
         services.ingest.start()
         self._stack.push_async_callback(services.ingest.stop)
+        mqtt, http = settings.mqtt, settings.http
+        mqtt_tls = self.certificates.server_context("MQTT", mqtt.certfile, mqtt.keyfile, mqtt.cafile) \
+            if mqtt.tls_port and mqtt.certfile and mqtt.keyfile else None
+        http_tls = self.certificates.server_context("HTTPS", http.certfile, http.keyfile) \
+            if http.certfile and http.keyfile else None
         await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
-                                 services.devices.note_presence)
+                                 services.devices.note_presence, mqtt_tls)
         self._stack.push_async_callback(self._broker.stop)
         # Before the campaign engine runs: it may supersede what is being restored.
         restored = await services.upgrades.restore_pending()
@@ -180,12 +199,15 @@ class Daemon:
         try:
             self._listener = await asyncio.get_running_loop().create_server(
                 self.connections.factory(self._runner.server), settings.http.host, settings.http.port,
-                reuse_address=True, backlog=128)
+                reuse_address=True, backlog=128, ssl=http_tls,
+                # A TLS handshake that never finishes is bounded like a request head that never comes.
+                ssl_handshake_timeout=settings.http.head_timeout if http_tls is not None else None)
         except OSError as exc:
             raise StartupError(f"cannot listen for HTTP on {settings.http.host}:{settings.http.port}: "
                                f"{exc.strerror or exc}") from None
-        log.info("HTTP API listening on %s:%d (at most %d connections; MQTT at most %d; %s)",
-                 settings.http.host, self.http_port, self.budget.http_connections, self.budget.mqtt_connections,
+        log.info("HTTP API listening on %s:%d%s (at most %d connections; MQTT at most %d; %s)",
+                 settings.http.host, self.http_port, " (HTTPS)" if http_tls is not None else "",
+                 self.budget.http_connections, self.budget.mqtt_connections,
                  self._file_limit.describe())
 
     async def alive(self) -> dict[str, bool]:
@@ -282,6 +304,8 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon = Daemon(settings)
+    # Before start: a SIGHUP during start-up must not end the process (its default action).
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
     await daemon.start()
     tune_garbage_collector()
     systemd.notify("READY=1")

@@ -17,12 +17,27 @@ class Verdict(StrEnum):
     REFUSED = "refused"
 
 
+class CertificateLogin:
+    """Stands in a CONNECT's password on the client-certificate listener: the client's verified
+    certificate names ``device``. Built only by otad from the TLS session, never from packet bytes."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
 class AccessPolicy:
     def __init__(self, devices: DeviceRegistry, allow_anonymous: bool) -> None:
         self._devices = devices
         self._allow_anonymous = allow_anonymous
 
-    async def authenticate(self, username: str | None, password: str | bytes | None) -> Verdict:
+    async def authenticate(self, username: str | None, password: str | bytes | CertificateLogin | None) -> Verdict:
+        if isinstance(password, CertificateLogin):
+            # The certificate's CN is the device name; a different username is refused, not tried.
+            if username and username == password.device and await self._devices.is_registered(username):
+                return Verdict.DEVICE
+            return Verdict.REFUSED
         if not username:
             if self._allow_anonymous and password is None:
                 return Verdict.ANONYMOUS

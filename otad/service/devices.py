@@ -112,6 +112,12 @@ class DeviceRegistry:
             raise NotFound(f"参数无效: no device named '{name}'")
         await self._publisher.forget_device(name)
 
+    async def is_registered(self, name: str) -> bool:
+        """True when ``name`` is a registered device (a client certificate names it)."""
+        if not DEVICE_NAME.fullmatch(name):
+            return False
+        return name in self._login_cache or await repo.find_device(name) is not None
+
     async def check_mqtt_login(self, username: str | None, password: str | bytes | None) -> bool:
         """True when ``username`` is a registered device and ``password`` is its password."""
         if not username or password is None or not DEVICE_NAME.fullmatch(username):
