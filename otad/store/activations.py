@@ -121,10 +121,6 @@ async def find_claim(device_name: str, client_id: str, now: datetime) -> Activat
     return _record(row) if row else None
 
 
-async def count_pending() -> int:
-    return await XiaozhiActivation.filter(expires_at__isnull=False).count()
-
-
 async def list_pending(now: datetime) -> list[ActivationRecord]:
     """Live pending claims, oldest first, each saying whether its name is already a device's."""
     rows = await XiaozhiActivation.filter(expires_at__gte=now).order_by("created_at", "id")

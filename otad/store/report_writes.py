@@ -31,7 +31,6 @@ class ReportTarget:
     state: str
     progress: int | None
     campaign_id: int | None
-    stage: int | None
     last_event_id: int | None = None
     last_event_state: str | None = None
     last_event_source: str | None = None
@@ -95,7 +94,7 @@ async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget
     for chunk in _chunks(wanted):
         rows = await conn.execute_query_dict(
             'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
-            'u."campaign_id", u."stage", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
+            'u."campaign_id", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
             '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND n."changed" = 0) AS notes '
             'FROM "upgrade" u JOIN "device" d ON d."id" = u."device_id" '
             'LEFT JOIN "upgrade_event" e ON e."id" = '
@@ -104,7 +103,7 @@ async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget
         for row in rows:
             targets[row["version"]] = ReportTarget(
                 id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device_name"],
-                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"], stage=row["stage"],
+                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"],
                 last_event_id=row["last_id"], last_event_state=row["last_state"],
                 last_event_source=row["last_source"], notes=row["notes"])
     return targets
