@@ -76,14 +76,20 @@ def _host_offset_minutes() -> int:
     return int(offset.total_seconds() // 60) if offset else 0
 
 
+def _board_headers(request: web.Request) -> tuple[str, str]:
+    """The headers every board request carries: its MAC and its Client-Id."""
+    device_id, client_id = request.headers.get("Device-Id"), request.headers.get("Client-Id")
+    if not device_id or not client_id:
+        raise MissingInput("参数缺失: the Device-Id and Client-Id headers are required")
+    return device_id, client_id
+
+
 @routes.post("/xiaozhi/ota/")
 @routes.post("/xiaozhi/ota")
 @public
 async def board_check(request: web.Request) -> web.Response:
     """The board's check: not the envelope, but the plain object the firmware parses."""
-    device_id, client_id = request.headers.get("Device-Id"), request.headers.get("Client-Id")
-    if not device_id or not client_id:
-        raise MissingInput("参数缺失: the Device-Id and Client-Id headers are required")
+    device_id, client_id = _board_headers(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidInput("参数无效: the body must be a JSON object")
@@ -128,9 +134,7 @@ def _check_reply(request: web.Request, offer: Offer) -> dict:
 @public
 async def board_activate(request: web.Request) -> web.Response:
     """The board's activate call (firmware: ``Ota::Activate``): 200 once accepted, 202 while pending."""
-    device_id, client_id = request.headers.get("Device-Id"), request.headers.get("Client-Id")
-    if not device_id or not client_id:
-        raise MissingInput("参数缺失: the Device-Id and Client-Id headers are required")
+    device_id, client_id = _board_headers(request)
     # Boards without a serial number send "{}"; with one, algorithm, serial_number, challenge, hmac.
     body = await read_json(request) if request.body_exists else {}
     if not isinstance(body, dict):
