@@ -4,6 +4,7 @@ real HTTP server on free 127.0.0.1 ports, driven over sockets by aiohttp and pah
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from dataclasses import dataclass, replace
@@ -85,6 +86,11 @@ class Otad:
     def firmware_files(self) -> list[str]:
         return sorted(p.name for p in self.settings.firmware_dir.rglob("*") if p.is_file())
 
+    async def stop(self) -> None:
+        """Close the test's HTTP session and stop the daemon."""
+        await self.session.close()
+        await self.daemon.stop()
+
     async def restart(self, **flags) -> None:
         """Stop the daemon and start a new one on the same data dir and ports."""
         settings = self.settings
@@ -100,14 +106,27 @@ async def start_otad(settings: Settings, clock=None) -> Otad:
     return Otad(daemon=daemon, token=token, session=aiohttp.ClientSession())
 
 
-@pytest.fixture
-async def otad(tmp_path):
-    instance = await start_otad(make_settings(tmp_path / "data"))
+@contextlib.asynccontextmanager
+async def running_otad(settings: Settings, clock=None):
+    """A daemon started for the ``async with`` block and stopped after it, whatever happens."""
+    instance = await start_otad(settings, clock)
     try:
         yield instance
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
+
+
+@pytest.fixture
+async def otad(tmp_path):
+    async with running_otad(make_settings(tmp_path / "data")) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def lab(tmp_path):
+    """A daemon in lab mode: anonymous clients may use any topic."""
+    async with running_otad(make_settings(tmp_path / "lab", **{"mqtt.allow_anonymous": True})) as instance:
+        yield instance
 
 
 async def eventually(predicate, timeout: float = 5.0) -> None:

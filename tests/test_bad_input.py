@@ -76,8 +76,7 @@ async def test_upload_over_the_limit_is_refused_and_nothing_is_kept(tmp_path):
         status, body = await small.upload("fw", 1, b"x" * (64 * 1024))
         assert status == 200 and body["data"]["size"] == 64 * 1024
     finally:
-        await small.session.close()
-        await small.daemon.stop()
+        await small.stop()
 
 
 async def test_streamed_upload_over_the_limit_without_content_length(tmp_path):
@@ -96,8 +95,7 @@ async def test_streamed_upload_over_the_limit_without_content_length(tmp_path):
         assert_error(status, reply, 413, 1001)
         assert_nothing_stored(small)
     finally:
-        await small.session.close()
-        await small.daemon.stop()
+        await small.stop()
 
 
 async def test_enable_needs_an_existing_device_and_package(otad):
@@ -173,8 +171,7 @@ async def test_always_http_200_keeps_the_originals_behaviour(tmp_path):
         status, body = await legacy.enable("fw", "ghost")
         assert_error(status, body, 200, 1001)
     finally:
-        await legacy.session.close()
-        await legacy.daemon.stop()
+        await legacy.stop()
 
 
 async def test_delete_unknown_things(otad):

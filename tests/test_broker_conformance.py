@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests.conftest import make_settings, start_otad
+from tests.conftest import make_settings, running_otad, start_otad
 from tests.rawmqtt import (CONNACK, RawClient, connect_packet, publish_packet, subscribe_packet,
                            unsubscribe_packet)
 
@@ -19,14 +19,10 @@ from tests.rawmqtt import (CONNACK, RawClient, connect_packet, publish_packet, s
 @pytest.fixture
 async def lab(tmp_path):
     """A daemon in lab mode (anonymous clients, any topic) with short timeouts for the tests."""
-    instance = await start_otad(make_settings(tmp_path / "lab", **{
-        "mqtt.allow_anonymous": True, "mqtt.connect_timeout": "1", "mqtt.max_connections": "40",
-        "mqtt.max_packet_size": "64KiB"}))
-    try:
+    async with running_otad(make_settings(tmp_path / "lab", **{
+            "mqtt.allow_anonymous": True, "mqtt.connect_timeout": "1", "mqtt.max_connections": "40",
+            "mqtt.max_packet_size": "64KiB"})) as instance:
         yield instance
-    finally:
-        await instance.session.close()
-        await instance.daemon.stop()
 
 
 async def _client(port: int, client_id: str, **options) -> RawClient:
@@ -364,8 +360,7 @@ async def test_a_persistent_session_expires_after_the_session_expiry_interval(tm
         assert await late.connect("expiring", clean=False) == (False, 0)
         await late.close()
     finally:
-        await lab.session.close()
-        await lab.daemon.stop()
+        await lab.stop()
 
 
 async def test_a_fleet_fans_out_with_one_message_each(lab):

@@ -14,7 +14,6 @@ from otad.mqtt.connection import MqttConnection
 from otad.mqtt.protocol import MalformedPacket, UnsupportedProtocol
 from otad.mqtt.sessions import Outgoing, Session
 from otad.mqtt.sweep import DeadlineWheel
-from tests.conftest import make_settings, start_otad
 from tests.rawmqtt import (PUBCOMP, PUBREC, PUBREL, RawClient, ack_packet, connect_packet, parse_publish,
                            publish_packet, subscribe_packet)
 
@@ -163,16 +162,6 @@ async def test_turn_gate_skips_cancelled_waiters():
 
 
 # --- on the wire ---
-
-@pytest.fixture
-async def lab(tmp_path):
-    instance = await start_otad(make_settings(tmp_path / "lab", **{"mqtt.allow_anonymous": True}))
-    try:
-        yield instance
-    finally:
-        await instance.session.close()
-        await instance.daemon.stop()
-
 
 async def test_pubrel_for_an_unknown_packet_id_gets_its_pubcomp(lab):
     """[MQTT-4.3.3]: the receiver answers every PUBREL with PUBCOMP, known id or not."""

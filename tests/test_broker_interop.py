@@ -7,17 +7,6 @@ from __future__ import annotations
 import pytest
 from amqtt.client import MQTTClient
 
-from tests.conftest import make_settings, start_otad
-
-
-@pytest.fixture
-async def lab(tmp_path):
-    instance = await start_otad(make_settings(tmp_path / "lab", **{"mqtt.allow_anonymous": True}))
-    try:
-        yield instance
-    finally:
-        await instance.session.close()
-        await instance.daemon.stop()
 
 
 def _client(client_id: str) -> MQTTClient:

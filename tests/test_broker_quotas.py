@@ -21,8 +21,7 @@ async def running(tmp_path, **flags):
     try:
         yield instance
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 def broker_of(otad) -> Broker:

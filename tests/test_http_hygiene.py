@@ -109,8 +109,7 @@ async def test_a_trickled_request_head_is_cut_off(tmp_path):
         assert closed, "a head trickled for 4 s was still being read"
         assert await _healthz(otad.url) == 200
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_compressed_bodies_are_refused_unread(otad):
@@ -250,8 +249,7 @@ async def test_a_stalled_upload_body_is_refused(tmp_path):
         assert "sent nothing" in reply["errorMsg"]
         assert otad.db_rows("package") == 0 and otad.firmware_files() == []
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_shutdown_during_a_download_takes_one_shutdown_timeout(tmp_path):

@@ -147,8 +147,7 @@ async def test_timeout_with_a_controllable_clock(tmp_path):
         assert reply["accepted"] is False and "timed_out" in reply["errorMsg"]
         await device.close()
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_cancel_withdraws_the_command(otad):

@@ -125,8 +125,7 @@ async def test_online_flags_are_reset_when_the_daemon_starts(tmp_path):
         _, body = await otad.request("GET", "/api/v2/devices")
         assert body["data"][0]["online"] is False
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_a_cancelled_command_is_not_redelivered_from_the_in_flight_store(otad):

@@ -212,8 +212,7 @@ async def test_password_hashing_runs_on_its_own_executor_so_downloads_go_on_duri
         assert all(name.startswith(HASH_THREAD_PREFIX) for name in entered), set(entered)
     finally:
         release.set()
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 def _token_lines(data_dir) -> dict[str, str]:

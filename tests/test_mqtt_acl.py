@@ -135,8 +135,7 @@ async def test_anonymous_clients_are_accepted_only_in_lab_mode(tmp_path):
         await lab.add_device("dev1", 1)
         assert await lab.device("dev1", "wrong").connect() == NOT_AUTHORIZED
     finally:
-        await lab.session.close()
-        await lab.daemon.stop()
+        await lab.stop()
 
 
 async def test_a_device_cannot_publish_on_its_own_command_or_reply_topic(otad):

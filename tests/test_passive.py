@@ -110,8 +110,7 @@ async def test_public_url_is_used_for_the_download_url(tmp_path):
         _, body = await _poll(instance)
         assert body["data"]["url"] == f"https://ota.example.com/api/v2/micro/{package['fileName']}"
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 async def test_a_cached_poll_is_dropped_when_the_device_is_deleted(otad):

@@ -146,8 +146,7 @@ async def test_acknowledged_reports_survive_the_daemon_being_stopped(tmp_path, s
         status, body = await restarted.request("GET", "/api/v2/upgrades", params={"state": "updated"})
         assert body["data"]["total"] == 20
     finally:
-        await restarted.session.close()
-        await restarted.daemon.stop()
+        await restarted.stop()
 
 
 async def test_out_of_order_reports_are_capped_but_state_changes_are_kept(tmp_path):
@@ -174,8 +173,7 @@ async def test_out_of_order_reports_are_capped_but_state_changes_are_kept(tmp_pa
                                           params={"timelinePage": 2, "timelinePageSize": 5})
         assert [e["at"] for e in page["data"]["timeline"]] == [e["at"] for e in upgrade["timeline"][5:10]]
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_a_version_longer_than_the_store_keeps_is_refused_with_a_reason(otad, caplog):
@@ -233,8 +231,7 @@ async def test_updated_at_moves_with_every_change(tmp_path):
     finally:
         if client is not None:
             await client.close()
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
     assert seen == sorted(set(seen))  # every change, a later time
 
 
@@ -329,8 +326,7 @@ async def test_a_full_disk_withholds_pubacks_shows_in_healthz_and_recovers(small
     finally:
         if client is not None:
             await client.close()
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
 
 
 async def test_a_version_1_database_is_migrated_whole(tmp_path):
@@ -346,8 +342,7 @@ async def test_a_version_1_database_is_migrated_whole(tmp_path):
         await _send_and_count_pubacks(client, "dev1", [_report(version, "downloading")])
         await client.close()
     finally:
-        await otad.session.close()
-        await otad.daemon.stop()
+        await otad.stop()
     with sqlite3.connect(settings.database_path) as conn:  # back to version 1's schema
         conn.executescript(
             'CREATE TABLE old_event AS SELECT id, at, state, source, detail, upgrade_id FROM upgrade_event;'

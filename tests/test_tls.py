@@ -103,8 +103,7 @@ async def _tls_otad(tmp_path: Path, pki: Pki, *, cafile: bool = False, **flags):
 
 
 async def _stop(instance) -> None:
-    await instance.session.close()
-    await instance.daemon.stop()
+    await instance.stop()
 
 
 async def _device_with_command(instance, name: str = "dev1") -> tuple[str, str]:

@@ -150,8 +150,7 @@ async def test_unknown_board_joins_the_default_product_once_activated(tmp_path):
         assert [(d["deviceName"], d["productId"], d["appVersion"]) for d in devices["data"]] == [
             ("11:22:33:44:55:66", 9, "1.9.2")]
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 async def test_websocket_and_mqtt_sections_only_when_configured(tmp_path):
@@ -165,8 +164,7 @@ async def test_websocket_and_mqtt_sections_only_when_configured(tmp_path):
         assert reply["websocket"] == websocket and reply["mqtt"] == mqtt
         assert reply["server_time"]["timezone_offset"] == 480
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 async def test_bad_board_requests_are_400_json(otad):

@@ -36,8 +36,7 @@ async def enrolling_daemon(data_dir):
         assert status == 200
         yield instance
     finally:
-        await instance.session.close()
-        await instance.daemon.stop()
+        await instance.stop()
 
 
 @pytest.fixture
