@@ -63,11 +63,18 @@ async def _enable_all(otad, names, package: str = "fw") -> dict[str, str]:
     return versions
 
 
-async def test_a_burst_of_every_status_from_hundreds_of_devices_is_all_applied(otad):
-    passwords = await register_fleet(otad, 300, product_id=1)
+async def _connected_fleet(otad, count: int) -> tuple[dict[str, str], dict[str, str], list[RawClient]]:
+    """``count`` devices, each with an enabled upgrade and an MQTT connection: (passwords,
+    versions, clients), by device name."""
+    passwords = await register_fleet(otad, count, product_id=1)
     await otad.upload("fw", 1, b"image")
     versions = await _enable_all(otad, passwords)
     clients = await asyncio.gather(*(_connected(otad.mqtt_port, n, p) for n, p in passwords.items()))
+    return passwords, versions, clients
+
+
+async def test_a_burst_of_every_status_from_hundreds_of_devices_is_all_applied(otad):
+    passwords, versions, clients = await _connected_fleet(otad, 300)
     try:
         acked = await asyncio.gather(*(
             _send_and_count_pubacks(client, name, [_report(versions[name], s, progress=100) for s in STATUSES])
@@ -86,10 +93,7 @@ async def test_a_burst_of_every_status_from_hundreds_of_devices_is_all_applied(o
 
 
 async def test_progress_reports_from_many_devices_all_arrive(otad):
-    passwords = await register_fleet(otad, 100, product_id=1)
-    await otad.upload("fw", 1, b"image")
-    versions = await _enable_all(otad, passwords)
-    clients = await asyncio.gather(*(_connected(otad.mqtt_port, n, p) for n, p in passwords.items()))
+    passwords, versions, clients = await _connected_fleet(otad, 100)
     try:
         reports = lambda v: ([_report(v, "downloading", progress=p) for p in range(0, 101, 5)]  # noqa: E731
                              + [_report(v, s) for s in STATUSES[1:]])
