@@ -274,10 +274,6 @@ async def delete_xiaozhi_pin(pin_id: int) -> bool:
 
 # --- device state reported over MQTT ---
 
-async def set_firmware_version(device_id: int, firmware_version: str) -> None:
-    await Device.filter(id=device_id).update(firmware_version=firmware_version)
-
-
 async def mark_all_offline() -> None:
     await Device.filter(online=True).update(online=False)
 
