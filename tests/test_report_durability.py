@@ -360,6 +360,7 @@ async def test_a_version_1_database_is_migrated_whole(tmp_path):
             "SELECT at, 'downloading', 'device', '{}', upgrade_id FROM upgrade_event LIMIT 1;"
             'DROP TABLE xiaozhi_activation;'
             "UPDATE device SET last_check_at = '2026-11-01 00:00:00+00:00' WHERE name = 'dev1';"
+            'ALTER TABLE user DROP COLUMN role; ALTER TABLE api_token DROP COLUMN role;'  # before roles (v4)
             'UPDATE schema_version SET version = 1;')
     daemon = Daemon(settings)
     await daemon.start()
@@ -368,6 +369,8 @@ async def test_a_version_1_database_is_migrated_whole(tmp_path):
         timeline = (await daemon.services.upgrades.timeline(upgrade)).items
         assert [(e.state, e.changed) for e in timeline] == [
             ("created", True), ("notified", True), ("downloading", True), ("downloading", False)]
+        # a token made before roles existed could change everything, and still can
+        assert (await daemon.services.admins.check_authorization(f"Bearer {otad.token}", change=True)).role == "admin"
     finally:
         await daemon.stop()
     with sqlite3.connect(settings.database_path) as conn:

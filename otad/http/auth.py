@@ -15,8 +15,14 @@ def public(handler):
     return handler
 
 
+# What a viewer may call: reading never changes anything. Every other method needs an admin.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 async def require_token(request: web.Request) -> None:
-    """Raise NotLoggedIn unless the route is public or the request carries a valid token. Called
-    by the envelope middleware, so an auth failure is answered in the envelope like any other."""
+    """Raise NotLoggedIn unless the route is public or the request carries a valid token, and
+    Forbidden when a viewer's token asks for a change. Called by the envelope middleware, so an
+    auth failure is answered in the envelope like any other."""
     if request.match_info.http_exception is None and not getattr(request.match_info.handler, _PUBLIC, False):
-        await request.app[SERVICES].admins.check_authorization(request.headers.get("Authorization"))
+        await request.app[SERVICES].admins.check_authorization(request.headers.get("Authorization"),
+                                                               change=request.method not in SAFE_METHODS)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -20,9 +21,10 @@ from otad.errors import Conflict, InvalidInput, MissingInput, NoSuchAccount, Not
 from otad.service import credentials
 from otad.service.clock import utc_now
 from otad.service.login_guard import LoginGuard
+from otad.service.roles import ADMIN, check_role, require_change
 from otad.service.validation import is_clean_text
 from otad.store import repo
-from otad.store.records import TokenRecord
+from otad.store.records import TokenRecord, UserRecord
 
 # The original platform's login tokens last 7 days (protocol.md section 2).
 LOGIN_TOKEN_LIFETIME = timedelta(days=7)
@@ -50,6 +52,15 @@ def _check_password(password: str) -> None:
 
 def _login_token_prefix(username: str) -> str:
     return f"{_LOGIN_TOKEN}:{username}:"
+
+
+@dataclass(frozen=True)
+class LoginSession:
+    """A successful login: the new login token's secret (shown once), for whom, with which role."""
+
+    secret: str
+    username: str
+    role: str
 
 
 def login_token_user(token: TokenRecord) -> str | None:
@@ -80,12 +91,13 @@ class AdminAuth:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    async def create_token(self, name: str) -> str:
-        """Create a named, non-expiring API token and return its secret (shown once)."""
+    async def create_token(self, name: str, role: str = ADMIN) -> str:
+        """Create a named, non-expiring API token of ``role`` and return its secret (shown once)."""
         _check_name(name, "token name")
+        check_role(role)
         secret = credentials.new_secret()
         try:
-            await repo.insert_token(name, credentials.hash_secret(secret), "api", None)
+            await repo.insert_token(name, credentials.hash_secret(secret), "api", None, role)
         except repo.Duplicate:
             raise Conflict(f"参数无效: a token named '{name}' exists") from None
         return secret
@@ -100,17 +112,18 @@ class AdminAuth:
         if not await repo.delete_token(name):
             raise NotFound(f"参数无效: no token named '{name}'")
 
-    async def add_user(self, username: str, password: str) -> None:
+    async def add_user(self, username: str, password: str, role: str = ADMIN) -> None:
         _check_name(username, "username")
+        check_role(role)
         _check_password(password)
         hashed = await self._hash(credentials.hash_password, password)
         try:
-            await repo.insert_user(username, hashed)
+            await repo.insert_user(username, hashed, role)
         except repo.Duplicate:
             raise Conflict(f"参数无效: user '{username}' exists") from None
 
-    async def list_users(self) -> list[str]:
-        return await repo.list_usernames()
+    async def list_users(self) -> list[UserRecord]:
+        return await repo.list_users()
 
     async def change_password(self, username: str, password: str) -> int:
         """Set a user's password and revoke their login tokens (whoever held the old password may
@@ -134,6 +147,10 @@ class AdminAuth:
 
         ``source`` is the client's address. Past the guard's limit for it or for the username the
         answer is TooManyRequests, before the database or a hash is touched."""
+        return f"Bearer {(await self.log_in(username, password, source)).secret}"
+
+    async def log_in(self, username: object, password: object, source: str | None = None) -> "LoginSession":
+        """``login`` for the dashboard: the new login token's secret with its user and role."""
         if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
             raise MissingInput("参数缺失: username and password are required")
         self.guard.admit(source, username)
@@ -145,14 +162,17 @@ class AdminAuth:
         if not await self._hash(credentials.password_matches, password, user.password_hash):
             raise WrongPassword()
         self.guard.succeeded(source, username)
-        return f"Bearer {await self._issue_login_token(username, user.password_hash)}"
+        secret = await self._issue_login_token(user)
+        return LoginSession(secret=secret, username=username, role=user.role)
 
-    async def _issue_login_token(self, username: str, password_hash: str) -> str:
+    async def _issue_login_token(self, user: UserRecord) -> str:
+        username, password_hash = user.username, user.password_hash
         now = self._now()
         await repo.delete_expired_tokens(now)
         secret = credentials.new_secret()
         name = f"{_login_token_prefix(username)}{uuid.uuid4().hex[:12]}"
-        await repo.insert_token(name, credentials.hash_secret(secret), _LOGIN_TOKEN, now + LOGIN_TOKEN_LIFETIME)
+        await repo.insert_token(name, credentials.hash_secret(secret), _LOGIN_TOKEN, now + LOGIN_TOKEN_LIFETIME,
+                                user.role)
         # `otad user delete` / `passwd` (maybe another process) may have run while the password was
         # hashed. They revoke the user's tokens in the same transaction as the change, so a token
         # inserted before it is revoked with it, and one inserted after it sees the change here.
@@ -162,15 +182,29 @@ class AdminAuth:
             raise NoSuchAccount() if current is None else WrongPassword()
         return secret
 
-    async def check_authorization(self, header: str | None) -> TokenRecord:
-        """Accept ``Bearer <token>`` or the bare token; raise NotLoggedIn otherwise."""
+    async def check_authorization(self, header: str | None, change: bool = False) -> TokenRecord:
+        """Accept ``Bearer <token>`` or the bare token; raise NotLoggedIn otherwise, and Forbidden
+        if ``change`` is asked of a token whose role cannot change anything."""
         if not header:
             raise NotLoggedIn()
         scheme, _, rest = header.strip().partition(" ")
         secret = rest.strip() if scheme.lower() == "bearer" else header.strip()
+        return await self.check_secret(secret, change)
+
+    async def check_secret(self, secret: str | None, change: bool = False) -> TokenRecord:
+        """The live token whose secret this is (a dashboard session's cookie holds one); raise
+        NotLoggedIn for none, Forbidden if ``change`` is asked of a viewer."""
         if not secret:
             raise NotLoggedIn()
         token = await repo.find_token(credentials.hash_secret(secret))
         if token is None or (token.expires_at is not None and token.expires_at <= self._now()):
             raise NotLoggedIn()
+        if change:
+            require_change(token.role)
         return token
+
+    async def log_out(self, secret: str) -> None:
+        """Revoke the login token whose secret this is (a dashboard logout); nothing if none."""
+        token = await repo.find_token(credentials.hash_secret(secret)) if secret else None
+        if token is not None and token.kind == _LOGIN_TOKEN:
+            await repo.delete_token(token.name)

@@ -13,7 +13,7 @@ from otad.store.models import SchemaVersion
 log = logging.getLogger(__name__)
 
 # Bump when the models change, and add the step to _MIGRATIONS.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> SQL statements that bring a database of version-1 up to version.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Timeline entries fold repeated reports (count, last_at) and say whether they changed the
@@ -58,6 +58,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         '"device_id", "created_at", "seen_at", "expires_at", "accepted_at") '
         'SELECT "name", \'\', NULL, \'\', "product_id", "id", "last_check_at", "last_check_at", NULL, "last_check_at" '
         'FROM "device" WHERE "last_check_at" IS NOT NULL',
+    ),
+    # Roles: every account and token made before them could change everything, and still can.
+    4: (
+        'ALTER TABLE "user" ADD "role" VARCHAR(16) NOT NULL DEFAULT \'admin\'',
+        'ALTER TABLE "api_token" ADD "role" VARCHAR(16) NOT NULL DEFAULT \'admin\'',
     ),
 }
 

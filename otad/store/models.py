@@ -26,6 +26,7 @@ class ApiToken(Model):
     name = fields.CharField(max_length=128, unique=True)
     token_hash = fields.CharField(max_length=64, unique=True)
     kind = fields.CharField(max_length=16)  # "api" (otad token create) or "login" (POST /api/v2/login)
+    role = fields.CharField(max_length=16, default="admin")  # otad.service.roles; a login token: its user's
     expires_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
 
@@ -37,6 +38,7 @@ class User(Model):
     id = fields.IntField(primary_key=True)
     username = fields.CharField(max_length=128, unique=True)
     password_hash = fields.CharField(max_length=255)
+    role = fields.CharField(max_length=16, default="admin")  # otad.service.roles
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:

@@ -16,6 +16,7 @@ class TokenRecord:
     kind: str
     created_at: datetime
     expires_at: datetime | None
+    role: str = "admin"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class UserRecord:
     id: int
     username: str
     password_hash: str
+    role: str = "admin"
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

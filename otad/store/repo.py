@@ -29,7 +29,13 @@ class StillUsed(Exception):
 
 
 def _token(row: ApiToken) -> TokenRecord:
-    return TokenRecord(name=row.name, kind=row.kind, created_at=row.created_at, expires_at=row.expires_at)
+    return TokenRecord(name=row.name, kind=row.kind, created_at=row.created_at, expires_at=row.expires_at,
+                       role=row.role)
+
+
+def _user(row: User) -> UserRecord:
+    return UserRecord(id=row.id, username=row.username, password_hash=row.password_hash, role=row.role,
+                      created_at=row.created_at)
 
 
 _INVENTORY_FIELDS = tuple(field.name for field in dataclasses.fields(Inventory))
@@ -52,9 +58,9 @@ def _package(row: Package) -> PackageRecord:
 
 # --- admin tokens and users ---
 
-async def insert_token(name: str, token_hash: str, kind: str, expires_at: datetime | None) -> None:
+async def insert_token(name: str, token_hash: str, kind: str, expires_at: datetime | None, role: str) -> None:
     try:
-        await ApiToken.create(name=name, token_hash=token_hash, kind=kind, expires_at=expires_at)
+        await ApiToken.create(name=name, token_hash=token_hash, kind=kind, expires_at=expires_at, role=role)
     except IntegrityError:
         raise Duplicate(name) from None
 
@@ -78,20 +84,20 @@ async def delete_expired_tokens(now: datetime) -> int:
     return await ApiToken.filter(expires_at__lt=now).delete()
 
 
-async def insert_user(username: str, password_hash: str) -> None:
+async def insert_user(username: str, password_hash: str, role: str) -> None:
     try:
-        await User.create(username=username, password_hash=password_hash)
+        await User.create(username=username, password_hash=password_hash, role=role)
     except IntegrityError:
         raise Duplicate(username) from None
 
 
 async def find_user(username: str) -> UserRecord | None:
     row = await User.get_or_none(username=username)
-    return UserRecord(id=row.id, username=row.username, password_hash=row.password_hash) if row else None
+    return _user(row) if row else None
 
 
-async def list_usernames() -> list[str]:
-    return list(await User.all().order_by("username").values_list("username", flat=True))
+async def list_users() -> list[UserRecord]:
+    return [_user(row) for row in await User.all().order_by("username")]
 
 
 async def _delete_login_tokens(name_prefix: str) -> int:
