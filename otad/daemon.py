@@ -35,6 +35,7 @@ from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_databa
 from otad.store.database import Database
 from otad.store.failures import storage_failure
 from otad.tls import Certificates
+from otad.web import install as install_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ class Daemon:
         rollouts = asyncio.create_task(self._roll_out(services), name="otad-campaigns")
         self._stack.push_async_callback(_cancel, rollouts)
 
-        app = create_app(services, settings, self._observer, self.metrics, self.health, self.connections)
+        app = create_app(services, settings, self._observer, self.metrics, self.health, self.connections,
+                         dashboard=lambda app: install_dashboard(app, services))
         # Bodies are read raw (a compressed one is refused, never inflated on the event loop), and
         # aiohttp closes idle keep-alive connections; the guard handles heads and the cap.
         self._runner = web.AppRunner(app, shutdown_timeout=_AIOHTTP_SHUTDOWN_GRACE, access_log_format=ACCESS_LOG_FORMAT,

@@ -10,7 +10,7 @@ from otad.config import Settings
 from otad.http import (admin_routes, campaign_routes, download, openapi, ops_routes, passive_routes,
                        upgrade_routes, xiaozhi_routes)
 from otad.http.connections import CONNECTIONS, ConnectionGuard
-from otad.http.envelope import ALWAYS_HTTP_200, MAX_JSON_BODY, envelope_middleware
+from otad.http.envelope import ALWAYS_HTTP_200, API_HANDLERS, MAX_JSON_BODY, envelope_middleware
 from otad.http.observe import RequestObserver
 from otad.http.keys import HEALTH, METRICS, SERVICES, SETTINGS
 from otad.metrics import Metrics
@@ -23,7 +23,10 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i" request_id=%{X-Request-
 
 def create_app(services: Services, settings: Settings, observer: RequestObserver, metrics: Metrics,
                health: Callable[[], Awaitable[dict[str, bool | str]]],
-               connections: ConnectionGuard | None = None) -> web.Application:
+               connections: ConnectionGuard | None = None,
+               dashboard: Callable[[web.Application], None] | None = None) -> web.Application:
+    """The API's application; ``dashboard`` adds the operator pages to it. Those do their own
+    login (a session cookie) and show errors as pages: the envelope middleware leaves them be."""
     # Uploads are streamed and limited by the service; JSON bodies are read with a limit per
     # endpoint (envelope.read_json); client_max_size is only the outer bound for anything else.
     app = web.Application(middlewares=[observer.middleware, envelope_middleware],
@@ -45,4 +48,7 @@ def create_app(services: Services, settings: Settings, observer: RequestObserver
     app.add_routes(ops_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(xiaozhi_routes.routes)
+    app[API_HANDLERS] = frozenset(route.handler for route in app.router.routes())
+    if dashboard is not None:
+        dashboard(app)
     return app

@@ -18,6 +18,9 @@ from otad.http.keys import SETTINGS
 log = logging.getLogger(__name__)
 
 ALWAYS_HTTP_200 = web.AppKey("always_http_200", bool)
+# The handlers of the API's routes; other routes of the application (the dashboard's pages) are
+# passed through untouched.
+API_HANDLERS = web.AppKey("api_handlers", frozenset)
 
 
 def _dumps(value: Any) -> str:
@@ -44,6 +47,8 @@ _HTTP_ERRORS: dict[int, type[OtadError]] = {404: NotFound, 405: InvalidInput, 41
 @web.middleware
 async def envelope_middleware(request: web.Request, handler) -> web.StreamResponse:
     always_200 = request.app[ALWAYS_HTTP_200]
+    if request.match_info.http_exception is None and request.match_info.handler not in request.app[API_HANDLERS]:
+        return await handler(request)
     try:
         await require_token(request)
         return await handler(request)

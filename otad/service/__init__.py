@@ -10,8 +10,10 @@ from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.campaigns import Campaigns
 from otad.service.devices import DeviceRegistry
+from otad.service.fleet import Fleet
 from otad.service.health import StorageHealth
 from otad.service.ingest import ReportIngest
+from otad.service.live import LiveFeed
 from otad.service.login_guard import DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, LoginGuard
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
@@ -43,6 +45,8 @@ class Services:
     passive: PassivePins
     xiaozhi: XiaozhiBoards
     firmware: FirmwareStore
+    fleet: Fleet
+    live: LiveFeed
 
 
 def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
@@ -54,6 +58,10 @@ def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_siz
     health = StorageHealth()
     reports = Reports(upgrades, timeline_limit)
     campaigns = Campaigns(upgrades, devices, upgrade_timeout)
+    fleet = Fleet(devices, upgrades, campaigns)
+    live = LiveFeed(fleet.live_summary)
+    upgrades.on_change(live.upgrades_changed)
+    devices.on_presence(live.presence_changed)
     return Services(
         admins=AdminAuth(guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,
@@ -66,4 +74,6 @@ def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_siz
         passive=PassivePins(devices),
         xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),
         firmware=firmware,
+        fleet=fleet,
+        live=live,
     )

@@ -37,9 +37,16 @@ class DeviceRegistry:
         # Connects and disconnects, kept in memory and written in batches: a fleet reconnecting at
         # once must not become thousands of single-row writes.
         self._presence: dict[str, tuple[bool, datetime]] = {}
+        self._presence_listeners: list[Callable[[str, bool], None]] = []
 
     def note_presence(self, name: str, online: bool) -> None:
         self._presence[name] = (online, utc_now())
+        for listener in self._presence_listeners:
+            listener(name, online)
+
+    def on_presence(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(name, online)`` when a device connects or goes (live screens)."""
+        self._presence_listeners.append(listener)
 
     async def reset_presence(self) -> None:
         """At start: whatever was online when the last process ended (even by kill -9) is not now."""

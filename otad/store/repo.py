@@ -41,7 +41,7 @@ def _user(row: User) -> UserRecord:
 _INVENTORY_FIELDS = tuple(field.name for field in dataclasses.fields(Inventory))
 
 
-def _device(row: Device) -> DeviceRecord:
+def device_record(row: Device) -> DeviceRecord:
     return DeviceRecord(id=row.id, name=row.name, product_id=row.product_id, password_hash=row.password_hash,
                         created_at=row.created_at,
                         inventory=Inventory(**{name: getattr(row, name) for name in _INVENTORY_FIELDS}),
@@ -147,11 +147,11 @@ async def insert_devices(rows: Iterable[tuple[str, int, str]]) -> None:
 
 async def find_device(name: str) -> DeviceRecord | None:
     row = await Device.get_or_none(name=name)
-    return _device(row) if row else None
+    return device_record(row) if row else None
 
 
 async def list_devices() -> list[DeviceRecord]:
-    return [_device(row) for row in await Device.all().order_by("id")]
+    return [device_record(row) for row in await Device.all().order_by("id")]
 
 
 async def delete_device(name: str) -> bool:

@@ -1,0 +1,84 @@
+"""Read-only questions about the whole fleet, answered by the database: counts and pages, never a
+whole table brought into Python (the dashboard at 10,000 devices and 100,000 upgrades)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tortoise.expressions import Q
+from tortoise.functions import Count
+
+from otad.store.models import Device, Upgrade
+from otad.store.records import DeviceRecord
+from otad.store.repo import device_record
+
+# Devices that never reported a version are shown under this label in the version chart.
+UNKNOWN_VERSION = ""
+
+
+@dataclass(frozen=True)
+class ProductCount:
+    product_id: int
+    devices: int
+    online: int
+
+
+@dataclass(frozen=True)
+class VersionCount:
+    product_id: int
+    version: str  # UNKNOWN_VERSION: never reported
+    devices: int
+
+
+async def devices_per_product() -> list[ProductCount]:
+    totals = await Device.all().annotate(n=Count("id")).group_by("product_id").values("product_id", "n")
+    online = {row["product_id"]: row["n"] for row in
+              await Device.filter(online=True).annotate(n=Count("id")).group_by("product_id").values("product_id", "n")}
+    return sorted((ProductCount(row["product_id"], row["n"], online.get(row["product_id"], 0)) for row in totals),
+                  key=lambda count: count.product_id)
+
+
+async def firmware_versions(limit: int) -> list[VersionCount]:
+    """The ``limit`` most common (product, reported version) pairs, most devices first."""
+    rows = await (Device.all().annotate(n=Count("id")).group_by("product_id", "firmware_version")
+                  .order_by("-n", "product_id", "firmware_version").limit(limit)
+                  .values("product_id", "firmware_version", "n"))
+    return [VersionCount(row["product_id"], row["firmware_version"] or UNKNOWN_VERSION, row["n"]) for row in rows]
+
+
+def _device_filter(text: str | None, product_id: int | None, online: bool | None, version: str | None) -> Q:
+    query = Q()
+    if text:
+        query &= Q(name__icontains=text)
+    if product_id is not None:
+        query &= Q(product_id=product_id)
+    if online is not None:
+        query &= Q(online=online)
+    if version == UNKNOWN_VERSION:
+        query &= Q(firmware_version__isnull=True)
+    elif version is not None:
+        query &= Q(firmware_version=version)
+    return query
+
+
+async def search_devices(*, text: str | None = None, product_id: int | None = None, online: bool | None = None,
+                         version: str | None = None, offset: int = 0, limit: int = 50) -> tuple[list[DeviceRecord], int]:
+    """One page of the devices matching every filter given (``text``: part of the name), by name,
+    and how many match in all."""
+    query = Device.filter(_device_filter(text, product_id, online, version))
+    total = await query.count()
+    rows = await query.order_by("name").offset(offset).limit(limit)
+    return [device_record(row) for row in rows], total
+
+
+async def product_ids() -> list[int]:
+    return sorted(await Device.all().distinct().values_list("product_id", flat=True))
+
+
+async def open_upgrade_versions(device_names: list[str], open_states: list[str]) -> dict[str, tuple[str, str]]:
+    """device name -> (version, state) of its open upgrade, for the devices of one page."""
+    if not device_names:
+        return {}
+    rows = await Upgrade.filter(device__name__in=device_names, state__in=open_states).values_list(
+        "device__name", "version", "state")
+    return {name: (version, state) for name, version, state in rows}
