@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import os
 import sys
@@ -11,7 +13,8 @@ from typing import Any
 
 import click
 
-from otad import __version__
+from otad import __version__, client
+from otad.composition import admin_services, data_dir_notice
 from otad.config import KEYS, ConfigError, Settings, load_settings, read_toml
 from otad.errors import OtadError, StartupError
 
@@ -43,22 +46,6 @@ def _settings_options(paths: tuple[str, ...]):
 _CLIENT_KEYS = ("client.server", "client.token")
 common_options = _settings_options(_COMMON_KEYS)
 server_options = _settings_options(tuple(key.path for key in KEYS if key.path not in _CLIENT_KEYS))
-
-
-def load_client_settings(config_file: Path | None, server: str | None, token: str | None) -> dict[str, str]:
-    """Server and token for the client subcommands: flag > OTAD_SERVER/OTAD_TOKEN > config > default."""
-    try:
-        document = read_toml(config_file) if config_file else {}
-        # Only the [client] keys: a daemon setting that is wrong on this machine is no reason for
-        # the client to refuse to run.
-        client_env = {key.env: os.environ[key.env] for key in KEYS if key.path in _CLIENT_KEYS
-                      and key.env in os.environ}
-        client_document = {"client": document["client"]} if isinstance(document.get("client"), dict) else {}
-        settings = load_settings(client_document, client_env, {"client.server": server, "client.token": token})
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-        raise
-    return {"server": settings.client.server, "token": settings.client.token}
 
 
 def _settings(config_file: Path | None, params: dict[str, Any]) -> Settings:
@@ -103,8 +90,12 @@ def _load(config_file: Path | None, params: dict[str, Any]) -> Settings:
 
 @click.group()
 @click.version_option(__version__, prog_name="otad")
+@client.client_options
 def main() -> None:
-    """otad: OTA update daemon with an embedded MQTT broker."""
+    """otad: OTA update daemon with an embedded MQTT broker.
+
+    --server, --token and --json are for the client commands (package, enable, upgrades, devices,
+    campaign), given before or after the subcommand."""
 
 
 @main.command()
@@ -123,38 +114,52 @@ def serve(config_file: Path | None, **params: Any) -> None:
 def check_config(config_file: Path | None, **params: Any) -> None:
     """Validate the configuration and print the effective settings, without starting."""
     settings = _load(config_file, params)
-    click.echo(f"data_dir = {settings.data_dir}")
-    click.echo(f"http = {settings.http.host}:{settings.http.port}, mqtt = {settings.mqtt.host}:{settings.mqtt.port}")
-    click.echo(f"allow_anonymous = {settings.mqtt.allow_anonymous}, max_upload_size = {settings.http.max_upload_size}")
-    click.echo(f"public_url = {settings.public_url or '(from the request Host header)'}")
+    for key in KEYS:
+        click.echo(f"{key.path} = {_shown(key.path, functools.reduce(getattr, key.path.split('.'), settings))}")
     click.echo("configuration OK")
 
 
-async def _with_services(settings: Settings, action):
-    """Open the database (the daemon may be running: SQLite WAL) and run ``action(services)``."""
-    from otad.daemon import open_database, prepare_data_dir
-    from otad.firmware import FirmwareStore
-    from otad.service import build_services
-
-    prepare_data_dir(settings)
-    async with open_database(settings):
-        # Local admin commands never publish; the daemon restores pending commands when it starts.
-        services = build_services(FirmwareStore(settings.firmware_dir), _NoPublisher(), settings.http.max_upload_size)
-        return await action(services)
+# Settings whose value check-config does not print, and the fields of a table that hide a secret
+# (the xiaozhi boards' [xiaozhi.mqtt] has a password, [xiaozhi.websocket] a token).
+_SECRET_KEYS = ("client.token",)
+_SECRET_FIELDS = ("password", "token", "secret", "key")
 
 
-class _NoPublisher:
-    async def send_command(self, device_name: str, payload: bytes) -> None:
-        raise StartupError("upgrades are enabled through the running daemon's HTTP API")
+def _shown(path: str, value: Any) -> str:
+    """A setting's value as check-config prints it: TOML-like, secrets masked."""
+    if path in _SECRET_KEYS:
+        return "(set, not shown)" if value else "(not set)"
+    if value is None:
+        return "(not set)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, dict):
+        masked = {name: "(not shown)" if any(word in name.lower() for word in _SECRET_FIELDS) else field
+                  for name, field in value.items()}
+        return json.dumps(masked, ensure_ascii=False)
+    return str(value)
 
-    async def keep_command(self, device_name: str, payload: bytes) -> None:
-        pass
 
-    async def clear_command(self, device_name: str) -> None:
-        pass  # the daemon restores only open upgrades at start, so nothing stale is kept
+def _admin_settings(config_file: Path | None, params: dict[str, Any]) -> Settings:
+    """The settings of a local admin command, after saying on stderr which data directory it
+    opens (stdout stays for what scripts read)."""
+    settings = _load(config_file, params)
+    notice = data_dir_notice(settings)
+    if not settings.database_path.exists():
+        notice += " (pass --data-dir or --config, or set OTAD_DATA_DIR, to use the daemon's)"
+    click.echo(f"otad: {notice}", err=True)
+    return settings
 
-    async def forget_device(self, device_name: str) -> None:
-        pass  # a running daemon refuses the deleted device's next login
+
+def _with_services(settings: Settings, action) -> Any:
+    """Run ``action(services)`` on the data directory's database (the daemon may be running: SQLite WAL)."""
+    async def run():
+        async with admin_services(settings) as services:
+            return await action(services)
+
+    return _run(run())
 
 
 @main.group()
@@ -167,7 +172,7 @@ def token() -> None:
 @common_options
 def token_create(name: str, config_file: Path | None, **params: Any) -> None:
     """Create a token; the secret is printed once, as the last line of stdout."""
-    secret = _run(_with_services(_load(config_file, params), lambda s: s.admins.create_token(name)))
+    secret = _with_services(_admin_settings(config_file, params), lambda s: s.admins.create_token(name))
     click.echo(f"created token '{name}'; it is shown only now:", err=True)
     click.echo(secret)
 
@@ -181,7 +186,7 @@ def token_list(config_file: Path | None, **params: Any) -> None:
     expiry (UTC)."""
     from otad.service.admins import login_token_user
 
-    tokens = _run(_with_services(_load(config_file, params), lambda s: s.admins.list_tokens()))
+    tokens = _with_services(_admin_settings(config_file, params), lambda s: s.admins.list_tokens())
     for record in tokens:
         expires = f"{record.expires_at:%Y-%m-%d %H:%M:%S}" if record.expires_at else "never"
         click.echo(f"{record.name}\t{record.kind}\tuser {login_token_user(record) or '-'}"
@@ -194,7 +199,7 @@ def token_list(config_file: Path | None, **params: Any) -> None:
 def token_revoke(name: str, config_file: Path | None, **params: Any) -> None:
     """Delete a token (an API token or a login token, by the name `token list` shows); requests
     using it are refused from then on."""
-    _run(_with_services(_load(config_file, params), lambda s: s.admins.revoke_token(name)))
+    _with_services(_admin_settings(config_file, params), lambda s: s.admins.revoke_token(name))
     click.echo(f"revoked token '{name}'")
 
 
@@ -209,10 +214,10 @@ def user() -> None:
 @common_options
 def user_add(name: str, password: str | None, config_file: Path | None, **params: Any) -> None:
     """Add a user who can log in over HTTP."""
-    settings = _load(config_file, params)
+    settings = _admin_settings(config_file, params)
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    _run(_with_services(settings, lambda s: s.admins.add_user(name, password)))
+    _with_services(settings, lambda s: s.admins.add_user(name, password))
     click.echo(f"added user '{name}'")
 
 
@@ -220,7 +225,7 @@ def user_add(name: str, password: str | None, config_file: Path | None, **params
 @common_options
 def user_list(config_file: Path | None, **params: Any) -> None:
     """List usernames, one a line."""
-    for name in _run(_with_services(_load(config_file, params), lambda s: s.admins.list_users())):
+    for name in _with_services(_admin_settings(config_file, params), lambda s: s.admins.list_users()):
         click.echo(name)
 
 
@@ -230,10 +235,10 @@ def user_list(config_file: Path | None, **params: Any) -> None:
 @common_options
 def user_passwd(name: str, password: str | None, config_file: Path | None, **params: Any) -> None:
     """Change a user's password; their login tokens are revoked."""
-    settings = _load(config_file, params)
+    settings = _admin_settings(config_file, params)
     if password is None:
         password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
-    revoked = _run(_with_services(settings, lambda s: s.admins.change_password(name, password)))
+    revoked = _with_services(settings, lambda s: s.admins.change_password(name, password))
     click.echo(f"changed the password of user '{name}'; revoked {revoked} login token(s)")
 
 
@@ -242,7 +247,7 @@ def user_passwd(name: str, password: str | None, config_file: Path | None, **par
 @common_options
 def user_delete(name: str, config_file: Path | None, **params: Any) -> None:
     """Delete a user and revoke their login tokens."""
-    revoked = _run(_with_services(_load(config_file, params), lambda s: s.admins.delete_user(name)))
+    revoked = _with_services(_admin_settings(config_file, params), lambda s: s.admins.delete_user(name))
     click.echo(f"deleted user '{name}'; revoked {revoked} login token(s)")
 
 
@@ -257,8 +262,8 @@ def device() -> None:
 @common_options
 def device_add(name: str, product_id: str, config_file: Path | None, **params: Any) -> None:
     """Register a device; its MQTT password is printed once, as the last line of stdout."""
-    added = _run(_with_services(_load(config_file, params),
-                                lambda s: s.devices.add({"deviceName": name, "productId": product_id})))
+    added = _with_services(_admin_settings(config_file, params),
+                           lambda s: s.devices.add({"deviceName": name, "productId": product_id}))
     click.echo(f"added device '{name}' (product {added[0].product_id}); MQTT username is the device name, "
                "password shown only now:", err=True)
     click.echo(added[0].password)
@@ -269,7 +274,7 @@ def device_add(name: str, product_id: str, config_file: Path | None, **params: A
 @common_options
 def device_activate(code: str, config_file: Path | None, **params: Any) -> None:
     """Accept the xiaozhi board whose screen shows CODE: it becomes a device and gets firmware."""
-    accepted = _run(_with_services(_load(config_file, params), lambda s: s.xiaozhi.accept(code)))
+    accepted = _with_services(_admin_settings(config_file, params), lambda s: s.xiaozhi.accept(code))
     how = "registered as a new device" if accepted.created_device else "bound to the existing device"
     click.echo(f"activated xiaozhi board '{accepted.device.name}' (product {accepted.device.product_id}, "
                f"client {accepted.activation.client_id}): {how}")
@@ -280,13 +285,11 @@ def device_activate(code: str, config_file: Path | None, **params: Any) -> None:
 def device_pending(config_file: Path | None, **params: Any) -> None:
     """List xiaozhi boards waiting for activation. Their codes are not shown: read the code off the
     board's screen, which is what proves the board is yours."""
-    for claim in _run(_with_services(_load(config_file, params), lambda s: s.xiaozhi.pending())):
+    for claim in _with_services(_admin_settings(config_file, params), lambda s: s.xiaozhi.pending()):
         existing = "\texisting device" if claim.existing_device else ""
         click.echo(f"{claim.device_name}\tclient {claim.client_id}\tproduct {claim.product_id}"
                    f"\t{claim.board_type or '-'} {claim.app_version or '-'}\tfrom {claim.remote_addr or '-'}"
                    f"\tlast seen {claim.seen_at:%Y-%m-%d %H:%M:%S}{existing}")
 
 
-from otad.client import register as _register_client_commands  # noqa: E402  (needs main defined)
-
-_register_client_commands(main)
+client.register(main)

@@ -2,7 +2,9 @@
 
 Server and token come from ``--server``/``--token``, ``OTAD_SERVER``/``OTAD_TOKEN`` or the config file's
 ``[client]`` section. Tables for people by default, ``--json`` for scripts; a failure prints the
-envelope's message and exits 1.
+envelope's message with the English meaning of its code and exits 1.
+
+A leaf of the command tree: ``otad.cli`` registers these commands; nothing here imports it back.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,11 +21,48 @@ from typing import Any
 import aiohttp
 import click
 
+from otad import errors
+from otad.config import ConfigError, load_client_settings
+
 _CHUNK = 256 * 1024
+
+# The contract's errorMsg is Chinese (otad.errors holds it, per code); what each code means.
+_MEANINGS = {
+    errors.OtadError: "failed",
+    errors.InvalidInput: "invalid parameter",
+    errors.WrongType: "wrong parameter type",
+    errors.MissingInput: "missing parameter",
+    errors.NotLoggedIn: "not logged in",
+    errors.WrongPassword: "wrong password",
+    errors.NoSuchAccount: "no such account",
+    errors.Forbidden: "not allowed: your role cannot do this",
+    errors.StillReferenced: "still in use, cannot delete",
+}
+_BY_CODE = {error.code: (error.default_message, meaning) for error, meaning in _MEANINGS.items()}
 
 
 class ApiError(Exception):
-    pass
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def describe_failure(message: str | None, code: object, status: int) -> str:
+    """The envelope's errorMsg with the English meaning of its code beside the Chinese, once:
+    ``参数无效 (invalid parameter): no device named 'x' (errorCode 1001, HTTP 404)``."""
+    chinese, meaning = _BY_CODE.get(code, (None, None)) if isinstance(code, int) else (None, None)
+    text = message or chinese or "failed"
+    if meaning and chinese and text.startswith(chinese):
+        text = f"{chinese} ({meaning}){text[len(chinese):]}"
+    elif meaning:
+        text = f"{text} ({meaning})"
+    return f"{text} (errorCode {code}, HTTP {status})"
+
+
+def _token_hint(token_given: bool) -> str:
+    problem = "the token was refused (wrong, revoked or expired)" if token_given else "no token was given"
+    return (f"{problem}: pass one with --token TOKEN, the OTAD_TOKEN environment variable or `token` in the "
+            "config file's [client] section; `otad token create NAME` on the daemon's host makes one")
 
 
 class ApiClient:
@@ -46,7 +86,8 @@ class ApiClient:
         if not isinstance(body, dict) or not body.get("success"):
             message = body.get("errorMsg") if isinstance(body, dict) else None
             code = body.get("errorCode") if isinstance(body, dict) else None
-            raise ApiError(f"{message or 'failed'} (errorCode {code}, HTTP {response.status})")
+            hint = _token_hint(bool(self.headers)) if code == errors.NotLoggedIn.code else None
+            raise ApiError(describe_failure(message, code, response.status), hint)
         return body.get("data")
 
 
@@ -60,6 +101,8 @@ def _run(ctx: click.Context, coro) -> Any:
         return asyncio.run(coro)
     except ApiError as exc:
         click.echo(f"otad: error: {exc}", err=True)
+        if exc.hint:
+            click.echo(f"otad: {exc.hint}", err=True)
         sys.exit(1)
 
 
@@ -91,30 +134,62 @@ _CAMPAIGN_COLUMNS = [("id", "ID"), ("name", "PACKAGE"), ("productId", "PRODUCT")
                      ("currentStage", "STAGE"), ("stages", "STAGES"), ("reason", "REASON")]
 
 
+def _with_client_options(function):
+    function = click.option("--json", "as_json", is_flag=True, help="print the reply's data as JSON")(function)
+    function = click.option("--token", help="admin API token [OTAD_TOKEN, config client.token]")(function)
+    return click.option("--server", help="daemon URL [OTAD_SERVER, config client.server]")(function)
+
+
+def _remember(ctx: click.Context, server: str | None, token: str | None, as_json: bool) -> None:
+    """Keep the options given at this level; a level further in (the subcommand) overrides them."""
+    ctx.ensure_object(dict)
+    ctx.obj["json"] = ctx.obj.get("json", False) or as_json
+    for key, value in (("server", server), ("token", token)):
+        if value is not None:
+            ctx.obj[key] = value
+
+
+def client_options(group):
+    """--server, --token and --json on a group callback (``otad``, ``otad package``): given before
+    the subcommand they hold for every client command below, and the subcommand's own win."""
+    @functools.wraps(group)
+    def run(ctx: click.Context, *args, server, token, as_json, **kwargs):
+        _remember(ctx, server, token, as_json)
+        return group(*args, **kwargs)
+
+    return click.pass_context(_with_client_options(run))
+
+
 def client_command(command):
     """The options every client command takes (--config, --server, --token, --json), consumed here:
     the command gets the click context, with ``ctx.obj["json"]`` and the settings to call with."""
     @functools.wraps(command)
     def run(ctx: click.Context, *args, config_file, server, token, as_json, **kwargs):
-        from otad.cli import load_client_settings
-
-        ctx.ensure_object(dict)
-        ctx.obj["json"] = as_json
-        ctx.obj["settings"] = lambda: load_client_settings(config_file, server, token)
+        _remember(ctx, server, token, as_json)
+        server, token = ctx.obj.get("server"), ctx.obj.get("token")
+        ctx.obj["settings"] = lambda: _settings(config_file, server, token)
         return command(ctx, *args, **kwargs)
 
-    run = click.option("--json", "as_json", is_flag=True, help="print the reply's data as JSON")(run)
-    run = click.option("--token", help="admin API token [OTAD_TOKEN, config client.token]")(run)
-    run = click.option("--server", help="daemon URL [OTAD_SERVER, config client.server]")(run)
+    run = _with_client_options(run)
     run = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
                        envvar="OTAD_CONFIG", help="TOML config file [OTAD_CONFIG]")(run)
     return click.pass_context(run)
+
+
+def _settings(config_file: Path | None, server: str | None, token: str | None) -> dict[str, str]:
+    try:
+        settings = load_client_settings(config_file, os.environ, server, token)
+    except ConfigError as exc:
+        click.echo(f"otad: error: {exc}", err=True)
+        sys.exit(2)
+    return {"server": settings.server, "token": settings.token}
 
 
 def register(main: click.Group) -> None:
     """Add the client commands to the ``otad`` group."""
 
     @main.group()
+    @client_options
     def package() -> None:
         """Firmware packages on a running daemon."""
 
@@ -205,6 +280,7 @@ def register(main: click.Group) -> None:
         _emit(ctx, _run(ctx, _client(ctx).call("GET", "/api/v2/devices")), _DEVICE_COLUMNS)
 
     @main.group()
+    @client_options
     def campaign() -> None:
         """Staged rollouts on a running daemon."""
 

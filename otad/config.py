@@ -468,3 +468,14 @@ def load_settings(
         client=ClientSettings(server=values["client.server"] or "http://127.0.0.1:8080",
                               token=values["client.token"]),
     )
+
+
+def load_client_settings(config_file: Path | None, env: Mapping[str, str], server: str | None = None,
+                         token: str | None = None) -> ClientSettings:
+    """Server and token of the client subcommands: flag > OTAD_SERVER/OTAD_TOKEN > the config
+    file's ``[client]`` > default. Only the ``[client]`` keys are read: a daemon setting that is
+    wrong on this machine is no reason for the client to refuse to run."""
+    document = read_toml(config_file) if config_file else {}
+    client_env = {key.env: env[key.env] for key in KEYS if key.path.startswith("client.") and key.env in env}
+    client_document = {"client": document["client"]} if isinstance(document.get("client"), dict) else {}
+    return load_settings(client_document, client_env, {"client.server": server, "client.token": token}).client

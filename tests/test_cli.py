@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import signal
@@ -9,8 +10,11 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import aiohttp
 
+from otad.config import KEYS
 from tests.conftest import free_port
 from tests.helpers import serve as _serve, wait_for_port as _wait_for_port
 from tests.mqtt_device import MqttDevice
@@ -72,6 +76,8 @@ async def test_serve_runs_admin_commands_alongside_and_stops_on_sigterm(tmp_path
         _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
+    # The log names the data directory it started on, new here.
+    assert f"no database in {tmp_path} yet: creating a new one" in stderr
 
 
 async def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
@@ -190,3 +196,63 @@ async def test_a_second_daemon_on_the_same_data_dir_refuses_and_harms_nothing(tm
     finally:
         first.send_signal(signal.SIGTERM)
         await asyncio.to_thread(first.communicate, timeout=30)
+
+
+def test_admin_commands_name_their_data_dir_on_stderr_and_say_when_they_create_a_database(tmp_path):
+    created = otad_cli(tmp_path, "token", "create", "ci")
+    assert created.returncode == 0, created.stderr
+    assert f"otad: no database in {tmp_path} yet: creating a new one" in created.stderr
+    assert "--data-dir" in created.stderr and "OTAD_DATA_DIR" in created.stderr
+    assert len(created.stdout.splitlines()) == 1  # stdout is the secret alone, for scripts
+    listed = otad_cli(tmp_path, "token", "list")
+    assert listed.stderr.splitlines() == [f"otad: data directory {tmp_path}"]
+    assert listed.stdout.startswith("ci\t")
+
+
+def test_an_admin_command_without_data_dir_says_it_creates_a_database_in_the_default_place(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("OTAD_DATA_DIR", "STATE_DIRECTORY")}
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    result = subprocess.run([sys.executable, "-m", "otad", "device", "add", "dev1", "--product-id", "1"],
+                            capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert f"no database in {tmp_path / 'xdg' / 'otad'} yet: creating a new one" in result.stderr.splitlines()[0]
+    assert len(result.stdout.splitlines()) == 1  # the MQTT password
+
+
+def test_check_config_prints_every_effective_setting_with_secrets_masked(tmp_path):
+    config = tmp_path / "otad.toml"
+    config.write_text('[http]\nport = 8081\n[client]\ntoken = "s3cret-token"\n'
+                      '[xiaozhi.mqtt]\nendpoint = "mqtt.example"\npassword = "board-pw"\n')
+    env = {**os.environ, "OTAD_MQTT_PORT": "1999"}
+    result = subprocess.run([sys.executable, "-m", "otad", "check-config", "--config", str(config), "--data-dir",
+                             str(tmp_path), "--log-level", "debug"], capture_output=True, text=True, timeout=60,
+                            env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" = ")[0] for line in lines[:-1]] == [key.path for key in KEYS]
+    assert lines[-1] == "configuration OK"
+    shown = dict(line.split(" = ", 1) for line in lines[:-1])
+    assert (shown["http.port"], shown["mqtt.port"], shown["log_level"]) == ("8081", "1999", '"debug"')
+    assert shown["data_dir"] == f'"{tmp_path}"' and shown["mqtt.allow_anonymous"] == "false"
+    assert shown["upgrade.timeout"] == "86400.0" and shown["http.certfile"] == "(not set)"
+    assert "s3cret-token" not in result.stdout and "board-pw" not in result.stdout
+    assert shown["client.token"] == "(set, not shown)" and "mqtt.example" in shown["xiaozhi.mqtt"]
+
+
+def test_a_bad_config_exits_2_which_the_systemd_unit_does_not_restart(tmp_path):
+    config = tmp_path / "otad.toml"
+    config.write_text("[http]\nport = 0\n")
+    result = subprocess.run([sys.executable, "-m", "otad", "serve", "--config", str(config), "--data-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "otad: error: config file key 'http.port': must be a port between 1 and 65535 (got 0)"]
+    unit = (Path(__file__).parent.parent / "systemd" / "otad.service").read_text().splitlines()
+    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2" in unit
+
+
+def test_services_are_built_in_one_place_for_the_daemon_and_the_admin_commands():
+    package = Path(__file__).parent.parent / "otad"
+    callers = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "build_services"}
+    assert callers == {"composition.py"}

@@ -1,0 +1,116 @@
+"""What every entry point needs to build otad's services: the data directory, the database, and
+the one mapping from ``Settings`` to ``build_services``.
+
+``otad serve`` (``Daemon``) and the local admin commands (token, user, device) both build their
+services here, so a setting that reaches the services reaches them the same way in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
+
+from otad.config import Settings
+from otad.errors import StartupError
+from otad.firmware import FirmwareStore
+from otad.service import Services, build_services
+from otad.service.clock import utc_now
+from otad.service.ports import Publisher
+from otad.store.database import Database
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create the data directory and prove it is writable, or raise one clear StartupError."""
+    try:
+        settings.firmware_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data directory {settings.data_dir} is not writable: {exc.strerror or exc}") from None
+
+
+def data_dir_notice(settings: Settings) -> str:
+    """One line naming the data directory, and saying so when it holds no database yet (opening
+    it will create a new, empty one)."""
+    where = settings.data_dir.absolute()
+    if settings.database_path.exists():
+        return f"data directory {where}"
+    return f"no database in {where} yet: creating a new one"
+
+
+@contextlib.contextmanager
+def exclusive_data_dir(settings: Settings) -> Iterator[None]:
+    """One daemon per data directory. A second one would sweep the first one's uploads in progress
+    as leftovers before failing on the ports; the lock makes it fail first, touching nothing."""
+    path = settings.data_dir / "otad.lock"
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another otad is already running with data directory {settings.data_dir}") from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """The database, for the daemon and the local admin commands alike (SQLite in WAL mode lets
+    both have it open). The data directory must exist (``prepare_data_dir``)."""
+    database = Database(settings.database_path)
+    try:
+        await database.open()
+    except Exception as exc:
+        await database.close()
+        raise StartupError(f"cannot open database {settings.database_path}: {exc}") from None
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publisher,
+                 clock: Callable[[], datetime] = utc_now) -> Services:
+    """``build_services`` with every argument that comes from the settings taken from them."""
+    return build_services(firmware, publisher, settings.http.max_upload_size,
+                          xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
+                          upgrade_timeout=settings.upgrade.timeout, clock=clock,
+                          timeline_limit=settings.upgrade.timeline_limit,
+                          login_max_failures=settings.http.login_max_failures,
+                          login_window=settings.http.login_window)
+
+
+class NoPublisher:
+    """The publisher of the local admin commands: they run beside the daemon, not as it, and
+    reach no device. The daemon restores pending commands when it starts."""
+
+    async def send_command(self, device_name: str, payload: bytes) -> None:
+        raise StartupError("upgrades are enabled through the running daemon's HTTP API")
+
+    async def keep_command(self, device_name: str, payload: bytes) -> None:
+        pass
+
+    async def clear_command(self, device_name: str) -> None:
+        pass  # the daemon restores only open upgrades at start, so nothing stale is kept
+
+    async def forget_device(self, device_name: str) -> None:
+        pass  # a running daemon refuses the deleted device's next login
+
+
+@contextlib.asynccontextmanager
+async def admin_services(settings: Settings) -> AsyncIterator[Services]:
+    """The services of a local admin command, on the data directory's database (which the
+    daemon may have open at the same time)."""
+    prepare_data_dir(settings)
+    async with open_database(settings):
+        services = services_for(settings, FirmwareStore(settings.firmware_dir), NoPublisher())
+        try:
+            yield services
+        finally:
+            services.admins.close()  # its password-hashing threads
