@@ -122,6 +122,8 @@ class LiveFeed:
     @contextlib.asynccontextmanager
     async def stream(self) -> AsyncIterator[LiveStream]:
         """Open a stream for the ``async with`` block; TooManyRequests past ``max_streams``."""
+        if self._closed:
+            raise LiveFeedClosed()
         if self._streams >= self._max_streams:
             raise TooManyRequests(f"失败: {self._max_streams} live views are open; close one", retry_after=10)
         self._streams += 1

@@ -46,6 +46,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             except (LiveFeedClosed, ConnectionResetError):
                 pass
             return response
+    except LiveFeedClosed:  # the daemon is stopping
+        return web.Response(status=503, text="otad is stopping\n", headers={"Retry-After": "2"})
     except OtadError as error:  # too many streams open
         return web.Response(status=error.status, text=error.message + "\n",
                             headers={"Retry-After": str(getattr(error, "retry_after", 10))})
