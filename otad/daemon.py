@@ -1,16 +1,14 @@
-"""The composition root: builds store -> service -> broker -> HTTP, and owns start and stop order."""
+"""The daemon: builds store -> service -> broker -> HTTP (services through ``otad.composition``,
+as the admin commands do), and owns start and stop order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import contextvars
-import fcntl
 import gc
 import logging
-import os
 import signal
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
@@ -18,6 +16,7 @@ from datetime import datetime
 from aiohttp import web
 
 from otad import systemd
+from otad.composition import data_dir_notice, exclusive_data_dir, open_database, prepare_data_dir, services_for
 from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import FirmwareStore
@@ -29,10 +28,9 @@ from otad.metrics import Metrics
 from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
 from otad.mqtt.server import EmbeddedBroker
-from otad.service import Services, build_services
+from otad.service import Services
 from otad.service.clock import utc_now
 from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_database
-from otad.store.database import Database
 from otad.store.failures import storage_failure
 from otad.tls import Certificates
 from otad.web import install as install_dashboard
@@ -49,49 +47,6 @@ _AIOHTTP_SHUTDOWN_GRACE = 0.5
 async def _cancel(task: asyncio.Task) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-def prepare_data_dir(settings: Settings) -> None:
-    """Create the data directory and prove it is writable, or raise one clear StartupError."""
-    try:
-        settings.firmware_dir.mkdir(parents=True, exist_ok=True)
-        probe = settings.data_dir / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StartupError(f"data directory {settings.data_dir} is not writable: {exc.strerror or exc}") from None
-
-
-@contextlib.contextmanager
-def exclusive_data_dir(settings: Settings):
-    """One daemon per data directory. A second one would sweep the first one's uploads in progress
-    as leftovers before failing on the ports; the lock makes it fail first, touching nothing."""
-    path = settings.data_dir / "otad.lock"
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StartupError(f"another otad is already running with data directory {settings.data_dir}") from None
-        yield
-    finally:
-        os.close(handle)  # releases the lock
-
-
-@contextlib.asynccontextmanager
-async def open_database(settings: Settings):
-    """The database alone, for the local admin commands (token, user, device) and the daemon.
-    The data directory must exist (``prepare_data_dir``)."""
-    database = Database(settings.database_path)
-    try:
-        await database.open()
-    except Exception as exc:
-        await database.close()
-        raise StartupError(f"cannot open database {settings.database_path}: {exc}") from None
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 class Daemon:
@@ -148,14 +103,12 @@ class Daemon:
         settings = self.settings
         prepare_data_dir(settings)
         self._stack.enter_context(exclusive_data_dir(settings))
+        log.info("%s", data_dir_notice(settings))
         await self._stack.enter_async_context(open_database(settings))
         self._context = contextvars.copy_context()
         firmware = FirmwareStore(settings.firmware_dir)
         firmware.prepare()
-        self.services = services = build_services(firmware, self._broker, settings.http.max_upload_size,
-                                                  settings.xiaozhi.default_product_id, settings.upgrade.timeout,
-                                                  self._clock, settings.upgrade.timeline_limit,
-                                                  settings.http.login_max_failures, settings.http.login_window)
+        self.services = services = services_for(settings, firmware, self._broker, self._clock)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
         services.health.add_probe(DATABASE, probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
