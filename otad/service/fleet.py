@@ -13,9 +13,9 @@ from otad.service.devices import DeviceRegistry
 from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import parse_int
-from otad.store import fleet
+from otad.store import fleet, repo
 from otad.store.fleet import UNKNOWN_VERSION, ProductCount, VersionCount
-from otad.store.records import DeviceRecord
+from otad.store.records import DeviceRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord
 
 __all__ = ["DevicePage", "Fleet", "Overview", "ProductCount", "UNKNOWN_VERSION", "VersionCount"]
 
@@ -114,3 +114,17 @@ class Fleet:
 
     async def product_ids(self) -> list[int]:
         return await fleet.product_ids()
+
+    async def device(self, name: object) -> DeviceRecord:
+        """One device as it is now (connects of the last seconds included); NotFound if unknown."""
+        await self._devices.flush_presence()
+        return await self._devices.get(name)
+
+    async def timelines(self, upgrades: list[UpgradeRecord]) -> dict[str, list[UpgradeEventRecord]]:
+        """upgrade version -> its whole timeline, for the upgrades of one page (one query)."""
+        by_id = await fleet.upgrade_timelines([upgrade.id for upgrade in upgrades])
+        return {upgrade.version: by_id[upgrade.id] for upgrade in upgrades}
+
+    async def passive_pin_of(self, device_name: str) -> PassivePinRecord | None:
+        """The passive package pinned for the device, if any (a read; the poll cache is the pins')."""
+        return await repo.find_passive_pin(device_name)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from tortoise.expressions import Q
 from tortoise.functions import Count
 
-from otad.store.models import Device, Upgrade
-from otad.store.records import DeviceRecord
+from otad.store.models import Device, Upgrade, UpgradeEvent
+from otad.store.records import DeviceRecord, UpgradeEventRecord
 from otad.store.repo import device_record
 
 # Devices that never reported a version are shown under this label in the version chart.
@@ -82,3 +82,17 @@ async def open_upgrade_versions(device_names: list[str], open_states: list[str])
     rows = await Upgrade.filter(device__name__in=device_names, state__in=open_states).values_list(
         "device__name", "version", "state")
     return {name: (version, state) for name, version, state in rows}
+
+
+async def upgrade_timelines(upgrade_ids: list[int]) -> dict[int, list[UpgradeEventRecord]]:
+    """upgrade id -> its timeline, oldest first, for the upgrades of one page, in one query.
+    Timelines are short (reports that changed nothing are capped per upgrade, 100 by default), so
+    a page of 20 upgrades is a couple of thousand rows at the very most."""
+    timelines: dict[int, list[UpgradeEventRecord]] = {upgrade_id: [] for upgrade_id in upgrade_ids}
+    if not upgrade_ids:
+        return timelines
+    for row in await UpgradeEvent.filter(upgrade_id__in=upgrade_ids).order_by("upgrade_id", "id"):
+        timelines[row.upgrade_id].append(UpgradeEventRecord(
+            at=row.at, state=row.state, source=row.source, detail=row.detail, count=row.count, last_at=row.last_at,
+            changed=row.changed))
+    return timelines
