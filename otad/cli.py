@@ -17,9 +17,12 @@ from otad import __version__, client
 from otad.composition import admin_services, data_dir_notice
 from otad.config import KEYS, ConfigError, Settings, load_settings, read_toml
 from otad.errors import OtadError, StartupError
+from otad.service.roles import ADMIN, ROLES
 
 # Flags every command takes (admin commands open the same database as serve).
 _COMMON_KEYS = ("data_dir", "log_level")
+role_option = click.option("--role", type=click.Choice(ROLES), default=ADMIN, show_default=True,
+                           help="admin changes things; viewer sees everything and changes nothing")
 
 
 def _param(path: str) -> str:
@@ -169,11 +172,12 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
+@role_option
 @common_options
-def token_create(name: str, config_file: Path | None, **params: Any) -> None:
-    """Create a token; the secret is printed once, as the last line of stdout."""
-    secret = _with_services(_admin_settings(config_file, params), lambda s: s.admins.create_token(name))
-    click.echo(f"created token '{name}'; it is shown only now:", err=True)
+def token_create(name: str, role: str, config_file: Path | None, **params: Any) -> None:
+    """Create an API token; the secret is printed once, as the last line of stdout."""
+    secret = _with_services(_admin_settings(config_file, params), lambda s: s.admins.create_token(name, role))
+    click.echo(f"created {role} token '{name}'; it is shown only now:", err=True)
     click.echo(secret)
 
 
@@ -182,14 +186,14 @@ def token_create(name: str, config_file: Path | None, **params: Any) -> None:
 def token_list(config_file: Path | None, **params: Any) -> None:
     """List API tokens and live login tokens (secrets are stored hashed and cannot be shown).
 
-    One line each: name, kind (api or login), the user a login token was issued to, creation and
-    expiry (UTC)."""
+    One line each: name, kind (api or login), role (admin or viewer), the user a login token was
+    issued to, creation and expiry (UTC)."""
     from otad.service.admins import login_token_user
 
     tokens = _with_services(_admin_settings(config_file, params), lambda s: s.admins.list_tokens())
     for record in tokens:
         expires = f"{record.expires_at:%Y-%m-%d %H:%M:%S}" if record.expires_at else "never"
-        click.echo(f"{record.name}\t{record.kind}\tuser {login_token_user(record) or '-'}"
+        click.echo(f"{record.name}\t{record.kind}\trole {record.role}\tuser {login_token_user(record) or '-'}"
                    f"\tcreated {record.created_at:%Y-%m-%d %H:%M:%S}\texpires {expires}")
 
 
@@ -211,22 +215,23 @@ def user() -> None:
 @user.command("add")
 @click.argument("name")
 @click.option("--password", help="the password (prompted for when omitted)")
+@role_option
 @common_options
-def user_add(name: str, password: str | None, config_file: Path | None, **params: Any) -> None:
-    """Add a user who can log in over HTTP."""
+def user_add(name: str, password: str | None, role: str, config_file: Path | None, **params: Any) -> None:
+    """Add a user who can log in over HTTP and to the dashboard."""
     settings = _admin_settings(config_file, params)
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    _with_services(settings, lambda s: s.admins.add_user(name, password))
-    click.echo(f"added user '{name}'")
+    _with_services(settings, lambda s: s.admins.add_user(name, password, role))
+    click.echo(f"added {role} user '{name}'")
 
 
 @user.command("list")
 @common_options
 def user_list(config_file: Path | None, **params: Any) -> None:
-    """List usernames, one a line."""
-    for name in _with_services(_admin_settings(config_file, params), lambda s: s.admins.list_users()):
-        click.echo(name)
+    """List users, one a line: name and role, tab-separated."""
+    for record in _with_services(_admin_settings(config_file, params), lambda s: s.admins.list_users()):
+        click.echo(f"{record.username}\t{record.role}")
 
 
 @user.command("passwd")

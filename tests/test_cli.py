@@ -256,3 +256,19 @@ def test_services_are_built_in_one_place_for_the_daemon_and_the_admin_commands()
                for node in ast.walk(ast.parse(path.read_text()))
                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "build_services"}
     assert callers == {"composition.py"}
+
+
+def test_users_and_tokens_get_a_role_and_the_lists_show_it(tmp_path):
+    assert otad_cli(tmp_path, "user", "add", "vera", "--password", "vera-pass", "--role", "viewer").returncode == 0
+    added = otad_cli(tmp_path, "user", "add", "adam", "--password", "adam-pass")
+    assert added.returncode == 0 and "added admin user 'adam'" in added.stdout, added.stderr
+    assert otad_cli(tmp_path, "user", "list").stdout.splitlines() == ["adam\tadmin", "vera\tviewer"]
+
+    viewer = otad_cli(tmp_path, "token", "create", "watcher", "--role", "viewer")
+    assert viewer.returncode == 0 and "created viewer token 'watcher'" in viewer.stderr, viewer.stderr
+    assert otad_cli(tmp_path, "token", "create", "ci").returncode == 0
+    lines = {line.split("\t")[0]: line.split("\t")[1:3] for line in otad_cli(tmp_path, "token", "list").stdout.splitlines()}
+    assert lines == {"ci": ["api", "role admin"], "watcher": ["api", "role viewer"]}
+
+    unknown = otad_cli(tmp_path, "token", "create", "root", "--role", "root")
+    assert unknown.returncode == 2 and "'admin', 'viewer'" in unknown.stderr

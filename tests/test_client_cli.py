@@ -85,6 +85,10 @@ async def test_errors_show_the_english_meaning_beside_the_chinese_message_once(o
     assert result.returncode == 1
     assert result.stderr.startswith("otad: error: 存在依赖关系，无法删除 (still in use, cannot delete): used by ")
     assert result.stderr.count("still in use") == 1
+    viewer = await otad.daemon.services.admins.create_token("watcher", role="viewer")
+    result = await asyncio.to_thread(run_cli, otad, "--token", viewer, "package", "delete", "1", token=False)
+    assert result.returncode == 1 and result.stderr.startswith(
+        "otad: error: 没有权限 (not allowed: your role cannot do this): the viewer role")
 
 
 async def test_not_logged_in_says_how_to_pass_a_token_and_how_to_make_one(otad):
