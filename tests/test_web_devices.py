@@ -89,6 +89,8 @@ async def test_search_filters_and_pages_of_a_fleet_of_120(otad):
         _, page = await client.get("/devices?q=&product=8&online=any&version=&unreported=1")
         assert rows(page) == ["camera-1"]
 
+        _, page = await client.get("/devices?product=99")  # a product with no device yet stays chosen
+        assert rows(page) == [] and page.count('<option value="99" selected>99</option>') == 1
         _, page = await client.get("/devices?q=nothing-like-this")
         assert rows(page) == [] and "No device matches" in page and "0 devices found" in page
         status, page = await client.get("/devices?online=maybe")
@@ -163,6 +165,9 @@ async def test_enable_pin_and_delete_from_the_device_page(otad):
         _, page = await client.get(location)
         assert "The upgrade is enabled and sent to the device." in page
         assert f'<p data-upgrade="{upgrade["version"]}">' in page  # the open upgrade
+        _, page = await client.get("/devices?product=7")
+        assert (f'<span data-upgrade="{upgrade["version"]}"><a class="mono" href="/upgrades/{upgrade["version"]}">'
+                in page and 'class="state state-notified">notified</span>' in page)
 
         status, _, location = await client.post("/devices/dev1/pin", {"package": "fw", "versionName": "1.0.1",
                                                                       "description": "field fix"},
