@@ -153,7 +153,8 @@ async def test_enable_pin_and_delete_from_the_device_page(otad):
     client = await log_in(otad)
     try:
         _, page = await client.get("/devices/dev1")
-        assert '<label for="enable-package">Package</label>' in page and '<option value="fw">fw (1.0.1)</option>' in page
+        assert '<label for="enable-package">Package</label>' in page
+        assert '<option value="fw">fw (1.0.1)</option>' in page
         assert "other-product" not in page  # only the device's product's packages are offered
         assert '<label for="enable-timeout">' in page and '<label for="pin-version">' in page
 
