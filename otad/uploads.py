@@ -10,6 +10,7 @@ an upload is checked the same way wherever it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Collection
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
@@ -25,48 +26,57 @@ MULTIPART_SLACK = 64 * 1024
 MAX_FIELD = 16 * 1024
 
 
+@contextlib.asynccontextmanager
+async def _reading(idle_timeout: float) -> AsyncIterator[None]:
+    """One read of the body: within ``idle_timeout``, and aiohttp's reports of malformed framing
+    or headers ("Reading after EOF" and the like) as the client's error."""
+    try:
+        async with asyncio.timeout(idle_timeout):
+            yield
+    except TimeoutError:
+        raise InvalidInput(f"参数无效: the upload sent nothing for {idle_timeout:g} s") from None
+    except (ValueError, HttpProcessingError) as exc:
+        raise InvalidInput(f"参数无效: malformed multipart body: {exc}") from None
+
+
 def refuse_oversized(request: web.Request, max_upload_size: int) -> None:
     """Refuse a body whose declared length is over the limit before reading any of it."""
     if request.content_length is not None and request.content_length > max_upload_size + MULTIPART_SLACK:
         raise TooLarge(f"文件过大: the upload exceeds the limit of {max_upload_size} bytes")
 
 
-async def open_multipart(request: web.Request) -> MultipartReader:
+async def open_multipart(request: web.Request, idle_timeout: float) -> MultipartReader:
     """The body's multipart reader. Compressed bodies are refused: inflating one would be the
     sender's choice of our disk and CPU, and aiohttp would inflate it before we count its bytes."""
     if not request.content_type.startswith("multipart/"):
         raise MissingInput("参数缺失: send the firmware as multipart form field 'file'")
     if request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding()
-    try:
+    async with _reading(idle_timeout):
         return await request.multipart()
-    except (ValueError, HttpProcessingError) as exc:
-        raise InvalidInput(f"参数无效: malformed multipart body: {exc}") from None
 
 
-def _malformed(exc: Exception) -> InvalidInput:
-    return InvalidInput(f"参数无效: malformed multipart body: {exc}")
+async def next_part(reader: MultipartReader, idle_timeout: float) -> MultipartReader | BodyPartReader | None:
+    """The body's next part (None after the last)."""
+    async with _reading(idle_timeout):
+        return await reader.next()
 
 
 async def read_field(part: BodyPartReader, idle_timeout: float, limit: int = MAX_FIELD) -> str:
     """A small text part, at most ``limit`` bytes (more is refused, never cut short)."""
     data = bytearray()
+    while True:
+        async with _reading(idle_timeout):
+            chunk = await part.read_chunk(limit + 1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise InvalidInput(f"参数无效: form field '{part.name}' is over {limit} bytes")
     try:
-        while True:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await part.read_chunk(limit + 1)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > limit:
-                raise InvalidInput(f"参数无效: form field '{part.name}' is over {limit} bytes")
         return data.decode(part.get_charset("utf-8"))
-    except TimeoutError:
-        raise InvalidInput(f"参数无效: the upload sent nothing for {idle_timeout:g} s") from None
     except (UnicodeDecodeError, LookupError):
         raise InvalidInput(f"参数无效: form field '{part.name}' is not valid text") from None
-    except (ValueError, HttpProcessingError) as exc:
-        raise _malformed(exc) from None
 
 
 async def file_part(reader: MultipartReader, idle_timeout: float,
@@ -74,23 +84,14 @@ async def file_part(reader: MultipartReader, idle_timeout: float,
     """The ``file`` part, and the text of the parts named in ``fields`` that come before it
     (others are skipped). Fields after the file are not read: a form puts them first."""
     found: dict[str, str] = {}
-    try:
-        while True:
-            async with asyncio.timeout(idle_timeout):
-                part = await reader.next()
-            if part is None:
-                break
-            if isinstance(part, BodyPartReader) and part.name == "file":
-                return found, part
-            if isinstance(part, BodyPartReader) and part.name in fields:
-                found[part.name] = await read_field(part, idle_timeout)
-            else:
-                async with asyncio.timeout(idle_timeout):
-                    await part.release()
-    except TimeoutError:
-        raise InvalidInput(f"参数无效: the upload sent nothing for {idle_timeout:g} s") from None
-    except (ValueError, HttpProcessingError) as exc:  # aiohttp's reports of malformed framing or headers
-        raise _malformed(exc) from None
+    while (part := await next_part(reader, idle_timeout)) is not None:
+        if isinstance(part, BodyPartReader) and part.name == "file":
+            return found, part
+        if isinstance(part, BodyPartReader) and part.name in fields:
+            found[part.name] = await read_field(part, idle_timeout)
+        else:
+            async with _reading(idle_timeout):
+                await part.release()
     raise MissingInput("参数缺失: multipart form field 'file'")
 
 
@@ -100,24 +101,16 @@ async def part_chunks(reader: MultipartReader, part: BodyPartReader, idle_timeou
     image would be truncated. A body that sends nothing for ``idle_timeout`` is refused, and so
     is a second ``file`` part (which one would be the firmware?). Raised here, each leaves
     nothing stored."""
-    try:
-        while True:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await part.read_chunk(CHUNK)
-            if not chunk:
-                break
-            yield chunk
-        if not part.at_eof():
-            raise InvalidInput("参数无效: the upload ended before the multipart closing boundary")
-        while True:
-            async with asyncio.timeout(idle_timeout):
-                extra = await reader.next()
-                if extra is None:
-                    break
-                if isinstance(extra, BodyPartReader) and extra.name == "file":
-                    raise InvalidInput("参数无效: more than one 'file' part; send one firmware per upload")
-                await extra.release()
-    except TimeoutError:
-        raise InvalidInput(f"参数无效: the upload sent nothing for {idle_timeout:g} s") from None
-    except (ValueError, HttpProcessingError) as exc:  # aiohttp: "Reading after EOF" and other framing errors
-        raise _malformed(exc) from None
+    while True:
+        async with _reading(idle_timeout):
+            chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            break
+        yield chunk
+    if not part.at_eof():
+        raise InvalidInput("参数无效: the upload ended before the multipart closing boundary")
+    while (extra := await next_part(reader, idle_timeout)) is not None:
+        if isinstance(extra, BodyPartReader) and extra.name == "file":
+            raise InvalidInput("参数无效: more than one 'file' part; send one firmware per upload")
+        async with _reading(idle_timeout):
+            await extra.release()

@@ -30,7 +30,7 @@ async def ota_upload(request: web.Request) -> web.Response:
     name, product_id = await packages.check_new(query.get("name"), query.get("productId"))
     uploads.refuse_oversized(request, packages.max_upload_size)
     idle_timeout = request.app[SETTINGS].http.body_timeout
-    reader = await uploads.open_multipart(request)
+    reader = await uploads.open_multipart(request, idle_timeout)
     _, part = await uploads.file_part(reader, idle_timeout)
     package = await packages.upload(
         name=name, product_id=product_id, original_name=part.filename,

@@ -11,15 +11,16 @@ from aiohttp import web
 
 from otad.service import Services
 from otad.web import assets, campaign_pages, device_pages, live, login_pages, overview_pages, package_pages, upgrade_pages
-from otad.web.keys import DASHBOARD, Dashboard
+from otad.web.keys import DASHBOARD, DEFAULT_BODY_TIMEOUT, Dashboard
 from otad.web.render import templates
 
 __all__ = ["install"]
 
 
-def install(app: web.Application, services: Services) -> None:
-    """Add the dashboard's routes and state to ``app``."""
-    app[DASHBOARD] = Dashboard(services=services, templates=templates())
+def install(app: web.Application, services: Services, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+    """Add the dashboard's routes and state to ``app``; ``body_timeout``: http.body_timeout, for
+    the package upload form."""
+    app[DASHBOARD] = Dashboard(services=services, templates=templates(), body_timeout=body_timeout)
     for module in (login_pages, overview_pages, package_pages, device_pages, upgrade_pages, campaign_pages, live,
                    assets):
         app.add_routes(module.routes)

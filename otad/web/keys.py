@@ -10,10 +10,15 @@ from aiohttp import web
 from otad.service import Services
 
 
+# http.body_timeout's default: how long an upload's body may go without sending a byte.
+DEFAULT_BODY_TIMEOUT = 60.0
+
+
 @dataclass(frozen=True)
 class Dashboard:
     services: Services
     templates: jinja2.Environment
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
 
 @dataclass(frozen=True)

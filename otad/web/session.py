@@ -18,8 +18,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, web
 
+from otad import uploads
 from otad.errors import Forbidden, NotLoggedIn, OtadError
 from otad.service.admins import LOGIN_TOKEN_LIFETIME, login_token_user
 from otad.service.roles import require_change
@@ -35,6 +36,8 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 # Forms are small; uploads are streamed by their own handler and are not read here.
 MAX_FORM = 64 * 1024
+# The multipart reader of a form whose CSRF token was read from its first part.
+FORM_READER = web.RequestKey("multipart_form", MultipartReader)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -62,10 +65,29 @@ async def form_token(request: web.Request) -> str:
     header = request.headers.get(CSRF_HEADER)
     if header:
         return header
-    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data") and \
-            (request.content_length or 0) <= MAX_FORM:
+    if request.content_type == "multipart/form-data":
+        return await _first_part_token(request)
+    if request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) <= MAX_FORM:
         return str((await request.post()).get(CSRF_FIELD, ""))
     return ""
+
+
+async def _first_part_token(request: web.Request) -> str:
+    """A multipart form is an upload, streamed by its handler and often far over MAX_FORM, so it
+    is not read whole here (request.post() would also leave the handler nothing to stream): its
+    token must be its first part, the form's first input. The handler reads on from there."""
+    timeout = request.app[DASHBOARD].body_timeout
+    reader = await uploads.open_multipart(request, timeout)
+    request[FORM_READER] = reader
+    part = await uploads.next_part(reader, timeout)
+    if not isinstance(part, BodyPartReader) or part.name != CSRF_FIELD:
+        return ""
+    return await uploads.read_field(part, timeout, limit=256)
+
+
+async def multipart_form(request: web.Request) -> MultipartReader:
+    """A dashboard form's multipart body, past its CSRF part when the token came in it."""
+    return request.get(FORM_READER) or await uploads.open_multipart(request, request.app[DASHBOARD].body_timeout)
 
 
 async def check_csrf(request: web.Request, expected: str) -> None:
