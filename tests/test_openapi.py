@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 from otad.http import openapi
+from otad.http.envelope import API_HANDLERS
 
 
 def _routes_of(app) -> set[tuple[str, str]]:
+    """The API's routes (the dashboard's pages share the application but are not the API)."""
     found = set()
     for route in app.router.routes():
-        if route.method in ("HEAD", "*"):
+        if route.method in ("HEAD", "*") or route.handler not in app[API_HANDLERS]:
             continue
         info = route.resource.get_info()
         path = info.get("path") or info.get("formatter")

@@ -14,10 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
 
 from otad.config import ConfigError, load_settings
+from tests.dashboard import csrf_of
 from tests.conftest import free_port, make_settings, start_otad
 from tests.helpers import wait_for_port
 from tests.mqtt_device import MqttDevice
@@ -282,6 +284,30 @@ async def test_curl_reaches_healthz_over_https_with_the_ca(tmp_path, pki):
         assert json.loads(out)["status"] == "ok"
         code, _, _ = await _run(CURL, "--silent", url)  # the system's CAs do not know ours
         assert code != 0
+    finally:
+        await _stop(instance)
+
+
+async def test_the_dashboards_session_cookie_is_secure_under_https(tmp_path, pki):
+    """Over HTTPS the session cookie is never sent back over plain HTTP."""
+    instance = await start_otad(make_settings(tmp_path / "data", **{"http.certfile": str(pki.server_cert),
+                                                                    "http.keyfile": str(pki.server_key)}))
+    await instance.daemon.services.admins.add_user("adam", "adam-pass")
+    url = f"https://127.0.0.1:{instance.daemon.http_port}"
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(pki.ca)))
+    try:
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            async with session.get(url + "/login") as response:
+                page = await response.text()
+                assert "Secure" in response.headers["Set-Cookie"]  # the login form's own cookie too
+            async with session.post(url + "/login", allow_redirects=False, headers={"Origin": url},
+                                    data={"username": "adam", "password": "adam-pass",
+                                          "csrf": csrf_of(page)}) as response:
+                assert response.status == 303
+                cookie = next(c for c in response.headers.getall("Set-Cookie") if c.startswith("otad_session="))
+            assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            async with session.get(url + "/") as response:
+                assert response.status == 200 and "<h1>Overview</h1>" in await response.text()
     finally:
         await _stop(instance)
 
