@@ -30,18 +30,12 @@ def device_path(name: str) -> str:
 
 
 def _version_filter(query: Mapping[str, str]) -> str | None:
-    """The firmware version asked for: None for any, UNKNOWN_VERSION for never reported.
-
-    The overview's chart links ``?product=1&version=`` for devices that never reported. The
-    filter form always sends ``q`` and its version box even when blank, which means any version
-    there; so a blank ``version`` means "never reported" only without ``q``, and the form says it
-    with its own checkbox (``unreported=1``)."""
+    """The firmware version asked for: None for any, UNKNOWN_VERSION for never reported
+    (``unreported=1``: the form's checkbox and the overview chart's link)."""
     if query.get("unreported") == "1":
         return UNKNOWN_VERSION
-    version = query.get("version")
-    if version is None or (version == "" and "q" in query):
-        return None
-    return version.strip() or UNKNOWN_VERSION
+    version = (query.get("version") or "").strip()
+    return version or None
 
 
 def _filters(query: Mapping[str, str], version: str | None) -> dict[str, str]:
