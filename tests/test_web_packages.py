@@ -53,7 +53,8 @@ async def test_an_upload_through_the_page_without_the_script_is_stored_and_liste
         assert "<th scope=\"row\">fw-2.0</th>" in page and md5 in page and hashlib.sha256(IMAGE).hexdigest() in page
         assert "256.0 KiB" in page and "2.0.0" in page and "fixes the radio" in page
         [package] = await listed(otad)
-        assert (package["name"], package["productId"], package["md5"], package["size"]) == ("fw-2.0", 7, md5, len(IMAGE))
+        assert (package["name"], package["productId"], package["size"]) == ("fw-2.0", 7, len(IMAGE))
+        assert package["md5"] == md5
         assert (package["version"], package["description"], package["originalName"]) == ("2.0.0", "fixes the radio",
                                                                                           "fw-2.0.bin")
     finally:
@@ -104,7 +105,8 @@ async def test_delete_asks_first_refuses_a_pinned_package_plainly_and_deletes_an
         assert 'aria-label="Delete package fw-unused of product 7"' in page
         status, page, _ = await client.post(f"/packages/{pinned['id']}/delete", {}, csrf_from="/packages")
         assert status == 409
-        assert 'role="alert">存在依赖关系，无法删除: used by a passive pin; delete or end those first</p>' in page
+        assert ('role="alert">存在依赖关系，无法删除: used by a passive pin; delete or end those first</p>'
+                in page)
         status, _, location = await client.post(f"/packages/{unused['id']}/delete", {}, csrf_from="/packages")
         assert (status, location) == (303, "/packages?done=deleted")
         _, page = await client.get(location)

@@ -87,7 +87,10 @@ async def _first_part_token(request: web.Request) -> str:
 
 async def multipart_form(request: web.Request) -> MultipartReader:
     """A dashboard form's multipart body, past its CSRF part when the token came in it."""
-    return request.get(FORM_READER) or await uploads.open_multipart(request, request.app[DASHBOARD].body_timeout)
+    reader = request.get(FORM_READER)
+    if reader is None:
+        reader = await uploads.open_multipart(request, request.app[DASHBOARD].body_timeout)
+    return reader
 
 
 async def check_csrf(request: web.Request, expected: str) -> None:
