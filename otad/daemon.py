@@ -143,7 +143,7 @@ class Daemon:
         self._stack.push_async_callback(_cancel, rollouts)
 
         app = create_app(services, settings, self._observer, self.metrics, self.health, self.connections,
-                         dashboard=lambda app: install_dashboard(app, services))
+                         dashboard=lambda app: install_dashboard(app, services, body_timeout=settings.http.body_timeout))
         # Bodies are read raw (a compressed one is refused, never inflated on the event loop), and
         # aiohttp closes idle keep-alive connections; the guard handles heads and the cap.
         self._runner = web.AppRunner(app, shutdown_timeout=_AIOHTTP_SHUTDOWN_GRACE, access_log_format=ACCESS_LOG_FORMAT,

@@ -56,16 +56,19 @@ async def test_login_sets_a_strict_httponly_session_cookie_and_logout_ends_the_s
 async def test_a_form_without_the_sessions_csrf_token_or_from_another_site_changes_nothing(otad):
     client = await log_in(otad)
     try:
-        status, body, _ = await client.post("/logout", {"csrf": "forged"})
-        assert status == 403 and "CSRF" in body
+        for forged in ("forged", "ünïcode-token"):
+            status, body, _ = await client.post("/logout", {"csrf": forged})
+            assert status == 403 and "CSRF" in body
         status, body, _ = await client.post("/logout", {}, csrf_from="/", headers={"Origin": "http://evil.example"})
         assert status == 403 and "CSRF" in body
         assert (await client.get("/"))[0] == 200  # still logged in
         # the login form carries its own token: a login posted from another site is refused
         anonymous = _anonymous(otad)
         try:
-            status, body, _ = await anonymous.post("/login", {"username": "adam", "password": "adam-pass", "csrf": "x"})
-            assert status == 403 and "stale" in body
+            for forged in ("x", "ünïcode"):
+                status, body, _ = await anonymous.post("/login", {"username": "adam", "password": "adam-pass",
+                                                                 "csrf": forged})
+                assert status == 403 and "stale" in body
         finally:
             await anonymous.close()
     finally:

@@ -43,7 +43,8 @@ async def log_in(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     username = str(form.get("username", ""))
     expected = request.cookies.get(LOGIN_COOKIE, "")
-    if not same_origin(request) or not expected or not hmac.compare_digest(str(form.get(CSRF_FIELD, "")), expected):
+    sent = str(form.get(CSRF_FIELD, "")).encode()
+    if not same_origin(request) or not expected or not hmac.compare_digest(sent, expected.encode()):
         return _login_form(request, 403, Forbidden("没有权限: the login form is stale (CSRF); try again"), username)
     try:
         session = await request.app[DASHBOARD].services.admins.log_in(username, str(form.get("password", "")),

@@ -94,7 +94,7 @@ async def multipart_form(request: web.Request) -> MultipartReader:
 
 
 async def check_csrf(request: web.Request, expected: str) -> None:
-    if not same_origin(request) or not hmac.compare_digest(await form_token(request), expected):
+    if not same_origin(request) or not hmac.compare_digest((await form_token(request)).encode(), expected.encode()):
         raise Forbidden("没有权限: the form's security token is missing or stale (CSRF); reload the page and try again")
 
 
