@@ -4,7 +4,9 @@ gateway."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 from aiohttp import web
@@ -128,45 +130,99 @@ async def _enable_from_the_device_page(tab, device: str, package: str) -> str:
     return await opened.get_attribute("data-upgrade")
 
 
-async def test_enable_a_package_from_the_device_page_tells_the_device(otad, tab):
+# Kept in sessionStorage, so it survives the navigation the upload ends with: what the upload
+# form's progress bar and status showed while the file was being sent.
+WATCH_UPLOAD = """() => {
+    const bar = document.querySelector("[data-upload-progress]");
+    const status = document.querySelector("[data-upload-status]");
+    new MutationObserver(() => {
+        if (!bar.hidden) sessionStorage.setItem("bar", "shown");
+        if (status.textContent) sessionStorage.setItem("status", status.textContent);
+    }).observe(document.querySelector("form[data-upload]"), {subtree: true, attributes: true,
+                                                              childList: true, characterData: true});
+}"""
+FIRMWARE = os.urandom(3_000_000)
+
+
+async def test_upload_a_package_through_the_page_enable_and_pin_it(otad, tab, tmp_path):
+    firmware = tmp_path / "gw-2.1.bin"  # a path, not a buffer: the browser reads it, nothing is piped
+    firmware.write_bytes(FIRMWARE)
     password = await otad.add_device("gw-1", 7)
-    assert (await otad.upload("fw", 7, b"image"))[0] == 200
+    page = tab.page
+    await tab.log_in(otad)
+    await tab.goto("/packages")
+    upload = page.get_by_role("form", name="Upload a package")
+    await upload.get_by_label("Name").fill("gw-fw-2.1")
+    await upload.get_by_label("Product id").fill("7")
+    await upload.get_by_label("Version (optional)").fill("2.1.0")
+    await upload.get_by_label("Firmware file").set_input_files(firmware)
+    await page.evaluate(WATCH_UPLOAD)
+    await upload.get_by_role("button", name="Upload").click()
+
+    await expect(page.get_by_role("status").filter(has_text="The package is uploaded")).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('bar')") == "shown"
+    assert (await page.evaluate("sessionStorage.getItem('status')")).startswith("Uploading")
+    row = page.get_by_role("row").filter(has=page.get_by_role("rowheader", name="gw-fw-2.1"))
+    await expect(row).to_contain_text(hashlib.md5(FIRMWARE).hexdigest())
+    await expect(row).to_contain_text("2.1.0")
+    [stored] = await otad.daemon.services.packages.list()
+    assert (stored.name, stored.product_id, stored.size) == ("gw-fw-2.1", 7, len(FIRMWARE))
+
     device = otad.device("gw-1", password)
     try:
         assert await device.connect() == 0
         assert await device.subscribe(COMMAND.format("gw-1")) == [1]
-        await tab.log_in(otad)
-        version = await _enable_from_the_device_page(tab, "gw-1", "fw")
+        version = await _enable_from_the_device_page(tab, "gw-1", "gw-fw-2.1")
         command = json.loads((await device.next_message()).payload)
-        assert command["version"] == version
+        assert (command["version"], command["md5"]) == (version, hashlib.md5(FIRMWARE).hexdigest())
     finally:
         await device.close()
+
+    pin = page.get_by_role("form", name="Pin a passive package")
+    await pin.get_by_label("Version name").fill("2.1.0")
+    await pin.get_by_role("button", name="Pin").click()
+    await expect(page.get_by_role("status").filter(has_text="The passive package is pinned")).to_be_visible()
+    await expect(page.get_by_role("region", name="Inventory")).to_contain_text("gw-fw-2.1, version 2.1.0")
+
+    # The pin still uses the package: deleting it (after the confirmation) says so plainly.
+    await tab.goto("/packages")
+    await page.get_by_role("button", name="Delete package gw-fw-2.1 of product 7").click()
+    await expect(page.get_by_role("alert")).to_contain_text("used by")
+    assert len(await otad.daemon.services.packages.list()) == 1
 
 
 async def test_a_viewer_sees_everything_and_can_change_nothing(otad, tab):
     await otad.add_device("gw-1", 7)
-    assert (await otad.upload("fw", 7, b"image"))[0] == 200
+    _, body = await otad.upload("fw", 7, b"image")
+    package_id = body["data"]["id"]
+    version = await _enable(otad, "fw", "gw-1")
     page = tab.page
     await tab.log_in(otad, "vera", role="viewer")
     await expect(page.get_by_text("vera (viewer)")).to_be_visible()
 
-    await tab.goto("/devices")
-    await expect(page.locator('[data-device="gw-1"]')).to_be_visible()
-    await expect(page.get_by_label("Activation code")).to_have_count(0)
-    await tab.goto("/devices/gw-1")
-    await expect(page.get_by_role("heading", name="Inventory")).to_be_visible()
-    for control in ("Enable", "Pin", "Delete device gw-1"):
-        await expect(page.get_by_role("button", name=control)).to_have_count(0)
+    # Every page is there to read, without one control that changes the fleet.
+    for path, shown in (("/packages", page.get_by_role("rowheader", name="fw")),
+                        ("/devices", page.locator('[data-device="gw-1"]')),
+                        ("/devices/gw-1", page.get_by_role("heading", name="Inventory")),
+                        ("/upgrades", page.locator(f'[data-upgrade="{version}"]').first),
+                        (f"/upgrades/{version}", page.get_by_role("heading", name="Timeline"))):
+        await tab.goto(path)
+        await expect(shown).to_be_visible()
+        buttons = await page.get_by_role("main").get_by_role("button").all_inner_texts()
+        assert set(buttons) <= {"Search", "Filter"}, f"{path} shows a viewer {buttons}"
+        await expect(page.get_by_role("textbox", name="Activation code")).to_have_count(0)
 
     # The page's own script forges the admin's forms: without the CSRF token, and with the token
     # the viewer's session does have (its logout form carries it). Both are refused.
     token = await page.locator('form[action="/logout"] input[name="csrf"]').input_value()
-    for action, fields in (("/devices/gw-1/delete", {}), ("/devices/gw-1/enable", {"package": "fw"})):
-        assert await tab.post_without_token(action, fields) == 403
-        assert await tab.post_without_token(action, {**fields, "csrf": token}) == 403
+    for action, fields in (("/devices/gw-1/delete", {}), ("/devices/gw-1/enable", {"package": "fw"}),
+                           (f"/upgrades/{version}/cancel", {}), (f"/packages/{package_id}/delete", {})):
+        assert await tab.post_without_token(action, fields) == 403, action
+        assert await tab.post_without_token(action, {**fields, "csrf": token}) == 403, action
     assert await otad.daemon.services.devices.is_registered("gw-1")
+    assert len(await otad.daemon.services.packages.list()) == 1
     status, body = await otad.request("GET", "/api/v2/upgrades", params={"deviceName": "gw-1"})
-    assert status == 200 and body["data"]["total"] == 0, "a viewer's forged form enabled an upgrade"
+    assert [(u["version"], u["state"]) for u in body["data"]["items"]] == [(version, "notified")]
 
 
 async def _hostile_site(target: str, fields: dict[str, str]):
