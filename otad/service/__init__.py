@@ -62,6 +62,7 @@ def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_siz
     live = LiveFeed(fleet.live_summary)
     upgrades.on_change(live.upgrades_changed)
     devices.on_presence(live.presence_changed)
+    campaigns.on_change(live.campaign_changed)
     return Services(
         admins=AdminAuth(guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from otad.errors import Conflict, InvalidInput, NotFound
@@ -23,7 +24,7 @@ from otad.service.devices import DeviceRegistry
 from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, CampaignState, UpgradeState
 from otad.service.upgrades import Recipient, UpgradeChange, UpgradeService
 from otad.service.validation import check_package_name, parse_int
-from otad.store import repo, rollouts
+from otad.store import product_devices, repo, rollouts
 from otad.store.records import CampaignRecord
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Campaigns:
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
         self._views: dict[int, CampaignView] = {}  # running campaigns as the engine last saw them
         self._loading: dict[int, list[UpgradeChange | str]] = {}  # campaign -> changes held during a load
+        # campaign id -> ((devices, highest device id) of its product when counted, devices per stage)
+        self._stage_counts: dict[int, tuple[tuple[int, int], Counter]] = {}
+        self._listeners: list[Callable[[int], None]] = []
         upgrades.on_change(self._on_upgrades_changed)
         devices.on_delete(self._on_device_deleted)
         # One campaign step, pause, resume or cancel at a time: a cancel must not land in the middle
@@ -120,6 +124,25 @@ class Campaigns:
         log.info("campaign %d: '%s' to product %d in stages %s", campaign.id, name, product_id, stages)
         return campaign
 
+    def on_change(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(campaign_id)`` after a campaign changed state or stage (an admin's pause,
+        resume or cancel, or the engine pausing, finishing or opening the next stage)."""
+        self._listeners.append(listener)
+
+    def _changed(self, campaign_id: int) -> None:
+        for listener in self._listeners:
+            try:
+                listener(campaign_id)
+            except Exception:  # a screen's bookkeeping must not fail the rollout
+                log.exception("campaign %d: a change listener failed", campaign_id)
+
+    async def _update(self, campaign_id: int, from_states: tuple | list, **changes) -> bool:
+        """``rollouts.update_campaign``, and the listeners told when it changed the row."""
+        if not await rollouts.update_campaign(campaign_id, from_states, **changes):
+            return False
+        self._changed(campaign_id)
+        return True
+
     async def get(self, raw_id: object) -> CampaignRecord:
         campaign = await rollouts.find_campaign(parse_int(raw_id, "id"))
         if campaign is None:
@@ -140,8 +163,8 @@ class Campaigns:
             campaign = await self.get(raw_id)
             failures = sum(count for _, state, count in await rollouts.count_campaign_upgrades(campaign.id)
                            if state in FAILED)
-            if not await rollouts.update_campaign(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
-                                              reason=None, failures_accepted=failures):
+            if not await self._update(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
+                                      reason=None, failures_accepted=failures):
                 raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
             return await self.get(campaign.id)
 
@@ -157,7 +180,7 @@ class Campaigns:
     async def _move(self, raw_id: object, from_states: tuple, to_state: CampaignState,
                     reason: str | None) -> CampaignRecord:
         campaign = await self.get(raw_id)
-        if not await rollouts.update_campaign(campaign.id, from_states, state=to_state, reason=reason):
+        if not await self._update(campaign.id, from_states, state=to_state, reason=reason):
             raise Conflict(f"参数无效: campaign {campaign.id} is {campaign.state}")
         return await self.get(campaign.id)
 
@@ -166,15 +189,30 @@ class Campaigns:
         return await self._status(campaign)
 
     async def _status(self, campaign: CampaignRecord) -> CampaignStatus:
-        status = CampaignStatus(campaign)
-        for _, device_name in await repo.devices_of_product(campaign.product_id):
-            stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
-            if stage is not None:
-                status.devices_per_stage[stage] += 1
+        status = CampaignStatus(campaign, devices_per_stage=await self._devices_per_stage(campaign))
         for stage, state, count in await rollouts.count_campaign_upgrades(campaign.id):
             status.by_state[state] += count
             status.by_stage.setdefault(stage, Counter())[state] += count
         return status
+
+    async def _devices_per_stage(self, campaign: CampaignRecord) -> Counter:
+        """The product's devices per stage, counted again only when devices joined or left since
+        (status is read by every screen once a second; hashing 10,000 names each time is not free)."""
+        census = await product_devices.census(campaign.product_id)
+        cached = self._stage_counts.get(campaign.id)
+        if cached is not None and cached[0] == census:
+            return Counter(cached[1])
+        per_stage: Counter = Counter()
+        last_id = 0
+        rows = await repo.devices_of_product(campaign.product_id)
+        for device_id, device_name in rows:
+            last_id = max(last_id, device_id)
+            stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
+            if stage is not None:
+                per_stage[stage] += 1
+        # Keyed by what was counted, not by the census: a device added in between is counted next time.
+        self._stage_counts[campaign.id] = ((len(rows), last_id), per_stage)
+        return Counter(per_stage)
 
     # --- the engine ---
 
@@ -265,8 +303,7 @@ class Campaigns:
         if opened and failed / opened > campaign.failure_threshold:
             reason = (f"paused itself: {failed} of {opened} devices in stages 1-{stage + 1} failed "
                       f"(over {campaign.failure_threshold:.0%})")
-            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                           reason=reason)
+            await self._update(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED, reason=reason)
             log.warning("campaign %d %s", campaign.id, reason)
             return
         in_flight = sum(states[s] for s in OPEN_STATES)
@@ -275,14 +312,13 @@ class Campaigns:
             success = states[UpgradeState.UPDATED] / ended if ended else 1.0
             if success < campaign.success_threshold:
                 reason = f"paused itself: stage {stage + 1} succeeded on {success:.0%}, below the threshold"
-                await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                               reason=reason)
+                await self._update(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED, reason=reason)
                 return
             if stage + 1 >= len(campaign.stages):
-                await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
+                await self._update(campaign.id, [CampaignState.RUNNING], state=CampaignState.FINISHED)
                 log.info("campaign %d finished", campaign.id)
                 return
-            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
+            await self._update(campaign.id, [CampaignState.RUNNING], current_stage=stage + 1)
             log.info("campaign %d: stage %d opened", campaign.id, stage + 2)
             return
         budget = min(campaign.max_concurrent - in_flight, _MAX_STARTS_PER_STEP,
@@ -291,8 +327,8 @@ class Campaigns:
             return
         package = await repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
         if package is None:
-            await rollouts.update_campaign(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
-                                           reason="paused itself: its package is gone")
+            await self._update(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
+                               reason="paused itself: its package is gone")
             return
         candidates = list(itertools.islice(view.unstarted(stage), budget * 2))
         # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
