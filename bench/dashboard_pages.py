@@ -311,7 +311,8 @@ def pages(fleet: Fleet) -> list[tuple[str, str]]:
             ("devices, product + online", f"/devices?product={MAIN}&online=yes"),
             ("devices, page 100", "/devices?page=100"), ("device, 400 upgrades", f"/devices/{fleet.busy_device}"),
             ("upgrades", "/upgrades"), ("upgrades, failed", "/upgrades?state=failed"),
-            ("upgrades, page 500", "/upgrades?page=500"), ("upgrade", f"/upgrades/{fleet.busy_upgrade}"),
+            ("upgrades, page 500", "/upgrades?page=500"), ("upgrades, last page", "/upgrades?page=2000"),
+            ("upgrade", f"/upgrades/{fleet.busy_upgrade}"),
             ("campaigns", "/campaigns"), ("campaign, 10,000 devices", f"/campaigns/{fleet.running_campaign}"),
             ("live events, first block", "/events")]
 
@@ -359,6 +360,8 @@ import json, sys
 from aiohttp import web
 pages = {path: (open(file, "rb").read(), kind) for path, (file, kind) in json.load(open(sys.argv[2])).items()}
 async def handler(request):
+    if request.path_qs not in pages:
+        raise web.HTTPNotFound()
     body, kind = pages[request.path_qs]
     return web.Response(body=body, content_type=kind, charset="utf-8")
 app = web.Application()
