@@ -66,6 +66,51 @@ function applyCampaign(box, progress) {
   box.dispatchEvent(new CustomEvent("otad:campaign", { detail: progress }));
 }
 
+// Campaign page (campaign.html): the sums and rates beside applyCampaign's cells, from the same
+// message and counted as the server counts them; a change of state reloads the page, since its
+// buttons and the reason it paused come with the state.
+function percentText(part, whole) {
+  return whole ? (100 * part / whole).toFixed(1) + "%" : "\u2013";
+}
+
+function sumStates(states, names) {
+  return names.reduce(function (total, name) { return total + (states[name] || 0); }, 0);
+}
+
+function campaignRates() {
+  const FAILED = ["failed", "timed_out"];
+  each("[data-campaign-rates]", function (box) {
+    box.addEventListener("otad:campaign", function (event) {
+      const progress = event.detail;
+      if (progress.state !== box.dataset.campaignRates) { window.location.reload(); return; }
+      const standing = { opened: 0, failed: 0, updated: 0 };
+      progress.stages.forEach(function (stage, index) {
+        const failed = sumStates(stage.states, FAILED);
+        const updated = stage.states.updated || 0;
+        if (index < progress.stage) {
+          standing.opened += stage.devices; standing.failed += failed; standing.updated += updated;
+        }
+        each("[data-stage=\"" + (index + 1) + "\"]", function (row) {
+          each("[data-stage-sum]", function (cell) {
+            cell.textContent = sumStates(stage.states, cell.dataset.stageSum.split(" "));
+          }, row);
+          const told = sumStates(stage.states, Object.keys(stage.states));
+          each("[data-stage-unstarted]", function (cell) { cell.textContent = Math.max(0, stage.devices - told); }, row);
+          each("[data-stage-phase]", function (cell) { cell.textContent = index < progress.stage ? "open" : "waiting"; }, row);
+          each("[data-stage-rate=\"success\"]", function (cell) { cell.textContent = percentText(updated, updated + failed); }, row);
+          each("[data-stage-rate=\"failure\"]", function (cell) { cell.textContent = percentText(failed, stage.devices); }, row);
+        }, box);
+      });
+      standing.failed = Math.max(0, standing.failed - Number(box.dataset.failuresAccepted || 0));
+      const ended = standing.failed + standing.updated;
+      const shown = { failed: standing.failed, opened: standing.opened, ended: ended,
+                      "failure-rate": percentText(standing.failed, standing.opened),
+                      "success-rate": percentText(standing.updated, ended) };
+      each("[data-standing]", function (cell) { cell.textContent = shown[cell.dataset.standing]; }, box);
+    });
+  });
+}
+
 function connectLive() {
   const url = document.body.dataset.live;
   const status = document.getElementById("live-status");
@@ -114,6 +159,7 @@ function uploadForms() {
 }
 
 onReady(function () {
+  campaignRates();
   connectLive();
   confirmForms();
   uploadForms();
