@@ -320,7 +320,7 @@ def pages(fleet: Fleet) -> list[tuple[str, str]]:
 class Daemon:
     """`otad serve` on the seeded data dir, loopback ports; 30% of the devices online."""
 
-    def __init__(self, fleet: Fleet, log: Path) -> None:
+    def __init__(self, fleet: Fleet, log: Path, settle: float = SETTLE) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = log.open("ab")
         self.process = subprocess.Popen(
@@ -338,7 +338,7 @@ class Daemon:
             db.close()
             # The campaign engine reads its running campaign's devices and upgrades at its first
             # step after a start: measured is the daemon at work, not its first seconds.
-            time.sleep(SETTLE)
+            time.sleep(settle)
         except BaseException:
             self.stop()
             raise
@@ -542,6 +542,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="a page's path (repeatable); default: all")
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                         help="then sample the daemon with py-spy on each page over the target (and each --only)")
+    parser.add_argument("--settle", type=float, default=SETTLE, help="seconds after the daemon's start")
     parser.add_argument("--data-dir", type=Path, help="seed here, or reuse the fleet already seeded here")
     args = parser.parse_args()
     print(f"nproc {os.cpu_count()}; load average at start {_load()}", flush=True)
@@ -559,7 +560,7 @@ def main() -> None:
         paths = [(what, path) for what, path in pages(fleet) if not args.only or path in args.only]
         runs = []
         for number in range(1, args.runs + 1):
-            daemon = Daemon(fleet, workdir / "otad.log")
+            daemon = Daemon(fleet, workdir / "otad.log", args.settle)
             try:
                 result = asyncio.run(measure(daemon, [path for _, path in paths], args.requests, workdir))
             finally:
