@@ -15,7 +15,7 @@ import click
 
 from otad import __version__, client
 from otad.composition import admin_services, data_dir_notice
-from otad.config import KEYS, ConfigError, Settings, load_settings, read_toml
+from otad.config import KEYS, ConfigError, Settings, load_settings, read_toml, redact_url
 from otad.errors import OtadError, StartupError
 from otad.service.roles import ADMIN, ROLES
 
@@ -125,6 +125,7 @@ def check_config(config_file: Path | None, **params: Any) -> None:
 # Settings whose value check-config does not print, and the fields of a table that hide a secret
 # (the xiaozhi boards' [xiaozhi.mqtt] has a password, [xiaozhi.websocket] a token).
 _SECRET_KEYS = ("client.token",)
+_URL_KEYS = ("database.url", "mqtt.external_url")  # shown with the password masked
 _SECRET_FIELDS = ("password", "token", "secret", "key")
 
 
@@ -132,6 +133,8 @@ def _shown(path: str, value: Any) -> str:
     """A setting's value as check-config prints it: TOML-like, secrets masked."""
     if path in _SECRET_KEYS:
         return "(set, not shown)" if value else "(not set)"
+    if path in _URL_KEYS:
+        return json.dumps(redact_url(value))
     if value is None:
         return "(not set)"
     if isinstance(value, bool):

@@ -61,6 +61,25 @@ class MqttSettings:
     keyfile: Path | None = None
     cafile: Path | None = None  # set: the TLS port requires client certificates signed by it
     ws_port: int = 0  # MQTT over WebSocket (subprotocol mqtt); 0: off
+    mode: str = "embedded"  # MQTT_MODES: otad's own broker, or a client of an external one
+    external_url: str = ""  # mqtt(s)://user:pass@host:port: otad's own account on the external broker
+    provisioning: str = "none"  # PROVISIONING_KINDS: how devices get credentials on the external broker
+
+
+# mqtt.mode and mqtt.provisioning (issue 13).
+MQTT_MODES = ("embedded", "external")
+PROVISIONING_KINDS = ("mosquitto-dynsec", "http-hooks", "none")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""  # "": SQLite in the data directory; postgres://user:pass@host:port/db: PostgreSQL
+
+
+@dataclass(frozen=True)
+class FirmwareSettings:
+    url: str = ""  # "": <data_dir>/firmware; file:///path (a shared mount); s3://bucket/prefix
+    s3_endpoint: str = ""  # the S3-compatible server; "": AWS_ENDPOINT_URL, else AWS itself
 
 
 @dataclass(frozen=True)
@@ -99,9 +118,14 @@ class Settings:
     upgrade: UpgradeSettings
     xiaozhi: XiaozhiSettings
     client: ClientSettings
+    database: DatabaseSettings = DatabaseSettings()
+    firmware: FirmwareSettings = FirmwareSettings()
 
     @property
     def firmware_dir(self) -> Path:
+        """Where firmware files live on this machine: the data dir's, or a file:// mount's."""
+        if self.firmware.url.startswith("file://"):
+            return Path(urlsplit(self.firmware.url).path)
         return self.data_dir / "firmware"
 
     @property
@@ -209,6 +233,50 @@ def _parse_public_url(raw: Any) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"must be an http(s) base URL such as http://gateway.local:8080 (got {raw!r})")
     return value
+
+
+def _parse_url_of(schemes: tuple[str, ...], example: str) -> Callable[[Any], str]:
+    """A parser of "" (off) or a URL of one of ``schemes`` with a host (or, for file:, a path)."""
+    def parse(raw: Any) -> str:
+        value = str(raw).strip()
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or (parts.scheme == "file" and not parts.path) or \
+                (parts.scheme != "file" and not parts.hostname):
+            raise ValueError(f"must be empty or a URL such as {example} (got {_redacted(value)!r})")
+        if parts.scheme != "file":
+            try:
+                parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+            except ValueError:
+                raise ValueError(f"has a bad port (got {_redacted(value)!r})") from None
+        return value
+    parse.__name__ = f"_parse_{schemes[0]}_url"
+    return parse
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked (``postgres://otad:***@db/otad``)."""
+    return _redacted(url)
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)} (got {raw!r})")
+        return value
+    parse.__name__ = "_parse_choice"
+    return parse
 
 
 def _parse_optional_product_id(raw: Any) -> int | None:
@@ -326,6 +394,14 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.keyfile", _parse_path, None, qualified=True),
     Key("mqtt.cafile", _parse_path, None, qualified=True),
     Key("mqtt.ws_port", _parse_optional_port, 0, qualified=True),
+    Key("mqtt.mode", _parse_choice(MQTT_MODES), "embedded", qualified=True),
+    Key("mqtt.external_url", _parse_url_of(("mqtt", "mqtts"), "mqtt://otad:secret@broker:1883"), "", qualified=True),
+    Key("mqtt.provisioning", _parse_choice(PROVISIONING_KINDS), "none", qualified=True),
+    Key("database.url", _parse_url_of(("postgres", "postgresql"), "postgres://otad:secret@db:5432/otad"), "",
+        qualified=True),
+    Key("firmware.url", _parse_url_of(("file", "s3"), "file:///srv/otad-firmware or s3://bucket/prefix"), "",
+        qualified=True),
+    Key("firmware.s3_endpoint", _parse_public_url, "", qualified=True),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -393,6 +469,14 @@ def _check_tls(values: Mapping[str, Any]) -> None:
         raise ConfigError("mqtt.port, mqtt.tls_port and mqtt.ws_port must differ")
 
 
+def _check_external_broker(values: Mapping[str, Any]) -> None:
+    """External mode needs otad's account on the broker; provisioning is for external mode."""
+    if values["mqtt.mode"] == "external" and not values["mqtt.external_url"]:
+        raise ConfigError("mqtt.mode = external needs mqtt.external_url (mqtt://user:pass@host:port)")
+    if values["mqtt.mode"] == "embedded" and values["mqtt.provisioning"] != "none":
+        raise ConfigError("mqtt.provisioning is for mqtt.mode = external; the embedded broker checks devices itself")
+
+
 def load_settings(
     document: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -418,6 +502,7 @@ def load_settings(
             raise ConfigError(f"{origin}: {exc}") from None
     data_dir = values["data_dir"] or default_data_dir(env)
     _check_tls(values)
+    _check_external_broker(values)
     return Settings(
         data_dir=data_dir,
         log_level=values["log_level"],
@@ -456,7 +541,12 @@ def load_settings(
             keyfile=values["mqtt.keyfile"],
             cafile=values["mqtt.cafile"],
             ws_port=values["mqtt.ws_port"],
+            mode=values["mqtt.mode"],
+            external_url=values["mqtt.external_url"],
+            provisioning=values["mqtt.provisioning"],
         ),
+        database=DatabaseSettings(url=values["database.url"]),
+        firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"]),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),
         xiaozhi=XiaozhiSettings(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,32 @@ def test_check_config_accepts_good_and_rejects_bad_files(tmp_path):
     assert "mqtt.allow_anonymus" in result.stderr and "Traceback" not in result.stderr
     result = _otad("check-config", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_the_keys_for_several_nodes_have_their_names_and_are_checked():
+    from otad.config import KEYS
+
+    names = {key.path: (key.env, key.flag) for key in KEYS}
+    assert names["database.url"] == ("OTAD_DATABASE_URL", "--database-url")
+    assert names["mqtt.mode"] == ("OTAD_MQTT_MODE", "--mqtt-mode")
+    assert names["mqtt.external_url"] == ("OTAD_MQTT_EXTERNAL_URL", "--mqtt-external-url")
+    assert names["mqtt.provisioning"] == ("OTAD_MQTT_PROVISIONING", "--mqtt-provisioning")
+    assert names["firmware.url"] == ("OTAD_FIRMWARE_URL", "--firmware-url")
+    settings = load_settings({"mqtt": {"mode": "external", "external_url": "mqtt://otad:pw@broker:1883",
+                                       "provisioning": "mosquitto-dynsec"}},
+                             {"OTAD_DATABASE_URL": "postgres://otad:pw@db:5432/otad"},
+                             {"firmware.url": "file:///srv/otad-firmware"})
+    assert (settings.mqtt.mode, settings.mqtt.provisioning) == ("external", "mosquitto-dynsec")
+    assert settings.database.url == "postgres://otad:pw@db:5432/otad"
+    assert str(settings.firmware_dir) == "/srv/otad-firmware"
+    defaults = load_settings({}, {}, {})
+    assert (defaults.database.url, defaults.mqtt.mode, defaults.firmware.url) == ("", "embedded", "")
+    for flags, named in (({"mqtt.mode": "cloud"}, "--mqtt-mode"), ({"database.url": "mysql://db/otad"}, "--database-url"),
+                         ({"mqtt.mode": "external"}, "mqtt.external_url"),
+                         ({"mqtt.provisioning": "http-hooks"}, "mqtt.provisioning is for mqtt.mode = external")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            load_settings({}, {}, flags)
+    # a password in a URL never shows in the error
+    with pytest.raises(ConfigError) as refused:
+        load_settings({}, {}, {"database.url": "postgres://otad:hunter2@db:notaport/otad"})
+    assert "hunter2" not in str(refused.value)

@@ -235,9 +235,9 @@ async def test_login_tokens_are_listed_with_their_user_and_expiry_and_revocable(
 
     lines = await asyncio.to_thread(_token_lines, data_dir)
     [name] = [name for name in lines if name.startswith("login:alice:")]
-    kind, user, _, expires = lines[name].split("\t")[1:]
-    assert (kind, user) == ("login", "user alice") and expires.startswith("expires 20"), lines[name]
-    assert lines["tests"].split("\t")[1:3] == ["api", "user -"] and lines["tests"].endswith("expires never")
+    kind, role, user, _, expires = lines[name].split("\t")[1:]
+    assert (kind, role, user) == ("login", "role admin", "user alice") and expires.startswith("expires 20"), lines[name]
+    assert lines["tests"].split("\t")[1:4] == ["api", "role admin", "user -"] and lines["tests"].endswith("expires never")
     assert bearer.split()[1] not in "".join(lines.values())
 
     revoked = await asyncio.to_thread(otad_cli, data_dir, "token", "revoke", name)
@@ -289,4 +289,4 @@ async def test_user_delete_revokes_exactly_that_users_login_tokens_and_user_list
     assert (await _status_with(otad, alice))[0] == 200
 
     listed = await asyncio.to_thread(otad_cli, data_dir, "user", "list")
-    assert listed.returncode == 0 and listed.stdout.split() == ["abc", "alice"], listed.stderr
+    assert listed.returncode == 0 and listed.stdout.splitlines() == ["abc\tadmin", "alice\tadmin"], listed.stderr
