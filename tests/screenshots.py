@@ -108,8 +108,9 @@ async def _wait(predicate, timeout: float = 20.0) -> None:
             await asyncio.sleep(0.2)
 
 
-async def build_fleet(otad) -> list[Device]:
-    """Devices, packages, upgrades in every state and two campaigns; returns the connected devices."""
+async def build_fleet(otad) -> tuple[list[Device], int]:
+    """Devices, packages, upgrades in every state and two campaigns; returns the connected devices
+    and the id of the campaign still running."""
     passwords: dict[str, str] = {}
     offline: set[str] = set()
     for product, (prefix, count, dark) in PRODUCTS.items():
@@ -149,6 +150,7 @@ async def build_fleet(otad) -> list[Device]:
         "name": "gw-fw-2.1", "productId": 7, "stages": GATEWAY_STAGES, "successThreshold": 0.6,
         "failureThreshold": 0.3, "maxConcurrent": 50, "notifyRate": 50})
     assert status == 200, body
+    gateway_campaign = body["data"]["id"]
     status, body = await otad.request("POST", "/api/v2/campaigns", json={
         "name": "cam-fw-1.4", "productId": 8, "stages": [25, 100], "successThreshold": 0.9,
         "failureThreshold": 0.2, "maxConcurrent": 10, "notifyRate": 10})
@@ -160,7 +162,7 @@ async def build_fleet(otad) -> list[Device]:
         return body["data"]["state"] == "paused"
     await _wait(camera_paused)
     await asyncio.sleep(2)  # the gateway campaign moves on to its next stage
-    return devices
+    return devices, gateway_campaign
 
 
 async def first_link(tab: Tab, selector: str) -> str | None:
@@ -187,7 +189,7 @@ async def take(out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="otad-shots-") as tmp:
         settings = make_settings(Path(tmp) / "data", log_level="warning")
         async with running_otad(settings) as otad, async_playwright() as playwright:
-            devices = await build_fleet(otad)
+            devices, running = await build_fleet(otad)
             browser = await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             try:
                 context = await browser.new_context(viewport=VIEWPORT)
@@ -207,7 +209,7 @@ async def take(out: Path) -> None:
                 await shoot(tab, "/upgrades", out, "upgrades")
                 await shoot(tab, await first_link(tab, 'main a[href^="/upgrades/"]'), out, "upgrade")
                 await shoot(tab, "/campaigns", out, "campaigns")
-                await shoot(tab, await first_link(tab, 'main a[href^="/campaigns/"]'), out, "campaign")
+                await shoot(tab, f"/campaigns/{running}", out, "campaign")
                 tab.check()  # nothing came from outside, no script error
             finally:
                 await browser.close()

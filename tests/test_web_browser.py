@@ -4,9 +4,11 @@ gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import re
 
 import pytest
 from aiohttp import web
@@ -14,6 +16,8 @@ from playwright.async_api import expect
 
 from tests.browser import browser, otad, tab  # noqa: F401 (fixtures)
 from tests.conftest import free_port
+from tests.helpers import register_fleet
+from tests.simulated_devices import start_fleet, stop_fleet
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -191,21 +195,88 @@ async def test_upload_a_package_through_the_page_enable_and_pin_it(otad, tab, tm
     assert len(await otad.daemon.services.packages.list()) == 1
 
 
+async def _campaign_action(page, box, button: str, state: str) -> None:
+    """Press a campaign page's button and wait for the page that shows the new state.
+
+    Not the notice (``?done=...``): the state change reaches the open page's live stream at once,
+    and its script reloads the page it is on, which can win over the form's own redirect; then
+    the new state is shown without the notice."""
+    await page.get_by_role("button", name=button).click()
+    await expect(box.locator('[data-field="state"]')).to_have_text(state)
+    await page.wait_for_load_state()
+
+
+async def test_run_a_campaign_from_the_page_watch_it_and_pause_resume_cancel_it(otad, tab):
+    passwords = await register_fleet(otad, 20, product_id=7)
+    assert (await otad.upload("fw-2.0", 7, b"new firmware", version="2.0.0"))[0] == 200
+    fleet = await start_fleet(otad.mqtt_port, passwords, fails=lambda name: False)
+    page = tab.page
+    try:
+        await tab.log_in(otad)
+        await tab.goto("/campaigns")
+        form = page.get_by_role("form", name="Start a campaign")
+        await form.get_by_label("Package", exact=True).select_option(label="fw-2.0 (product 7, version 2.0.0)")
+        await form.get_by_label(re.compile("^Stages")).fill("50, 100")
+        await form.get_by_label(re.compile("^Success threshold")).fill("0.9")
+        await form.get_by_label(re.compile("^Failure threshold")).fill("0.5")
+        await form.get_by_label(re.compile("^Max concurrent")).fill("5")
+        await form.get_by_label(re.compile("^Notify rate")).fill("2")  # slow enough to watch, and to pause half-way
+        await form.get_by_role("button", name="Start campaign").click()
+        await expect(page.get_by_role("status").filter(has_text="The campaign is created")).to_be_visible()
+        [campaign] = await otad.daemon.services.campaigns.list()
+        assert (campaign.stages, campaign.max_concurrent, campaign.notify_rate) == ([50, 100], 5, 2)
+        box = page.locator(f'[data-campaign="{campaign.id}"]')
+        await expect(box.locator('[data-field="state"]')).to_have_text("running")
+
+        # The devices update one by one: the progress moves on screen, without a reload.
+        await tab.mark()
+        progress = box.locator('[data-field="progress-text"]')
+        before = await progress.inner_text()
+        # A device is told every half second, then reports, then the next live message: 2 s at most
+        # for the change to reach the screen once it happened.
+        await expect(progress).not_to_have_text(before, timeout=LIVE + 1_000)
+        await expect(progress).to_have_text(re.compile(r"[1-9][0-9]* of 20 updated"))
+        await expect(box.locator('[data-stage="1"] [data-stage-state="updated"]')).not_to_have_text("0")
+        assert await tab.still_marked(), "the campaign's progress did not arrive live"
+
+        await _campaign_action(page, box, f"Pause campaign {campaign.id}", "paused")
+        assert (await otad.daemon.services.campaigns.get(campaign.id)).state == "paused"
+        told = sum(len(device.commands) for device in fleet)
+        assert told < 20, "the campaign reached every device before the pause"
+        await asyncio.sleep(1.5)  # paused: nobody else is told
+        assert sum(len(device.commands) for device in fleet) == told
+
+        await _campaign_action(page, box, f"Resume campaign {campaign.id}", "running")
+        await _campaign_action(page, box, f"Cancel campaign {campaign.id}", "cancelled")  # confirm() accepted
+        await expect(page.get_by_role("button", name=f"Resume campaign {campaign.id}")).to_have_count(0)
+        assert (await otad.daemon.services.campaigns.get(campaign.id)).state == "cancelled"
+    finally:
+        await stop_fleet(fleet)
+
+
 async def test_a_viewer_sees_everything_and_can_change_nothing(otad, tab):
     await otad.add_device("gw-1", 7)
     _, body = await otad.upload("fw", 7, b"image")
     package_id = body["data"]["id"]
     version = await _enable(otad, "fw", "gw-1")
+    await otad.add_device("cam-1", 8)  # the campaign's product: gw-1's upgrade stays as it is
+    assert (await otad.upload("cam-fw", 8, b"camera image"))[0] == 200
+    status, body = await otad.request("POST", "/api/v2/campaigns", json={"name": "cam-fw", "productId": 8,
+                                                                         "stages": [100]})
+    assert status == 200, body
+    campaign = body["data"]["id"]
     page = tab.page
     await tab.log_in(otad, "vera", role="viewer")
     await expect(page.get_by_text("vera (viewer)")).to_be_visible()
 
     # Every page is there to read, without one control that changes the fleet.
-    for path, shown in (("/packages", page.get_by_role("rowheader", name="fw")),
+    for path, shown in (("/packages", page.get_by_role("rowheader", name="fw", exact=True)),
                         ("/devices", page.locator('[data-device="gw-1"]')),
                         ("/devices/gw-1", page.get_by_role("heading", name="Inventory")),
                         ("/upgrades", page.locator(f'[data-upgrade="{version}"]').first),
-                        (f"/upgrades/{version}", page.get_by_role("heading", name="Timeline"))):
+                        (f"/upgrades/{version}", page.get_by_role("heading", name="Timeline")),
+                        ("/campaigns", page.get_by_role("link", name=f"#{campaign}")),
+                        (f"/campaigns/{campaign}", page.get_by_role("heading", name="Stages"))):
         await tab.goto(path)
         await expect(shown).to_be_visible()
         buttons = await page.get_by_role("main").get_by_role("button").all_inner_texts()
@@ -216,11 +287,14 @@ async def test_a_viewer_sees_everything_and_can_change_nothing(otad, tab):
     # the viewer's session does have (its logout form carries it). Both are refused.
     token = await page.locator('form[action="/logout"] input[name="csrf"]').input_value()
     for action, fields in (("/devices/gw-1/delete", {}), ("/devices/gw-1/enable", {"package": "fw"}),
-                           (f"/upgrades/{version}/cancel", {}), (f"/packages/{package_id}/delete", {})):
+                           (f"/upgrades/{version}/cancel", {}), (f"/packages/{package_id}/delete", {}),
+                           (f"/campaigns/{campaign}/pause", {}),
+                           ("/campaigns", {"package": str(package_id), "stages": "100"})):
         assert await tab.post_without_token(action, fields) == 403, action
         assert await tab.post_without_token(action, {**fields, "csrf": token}) == 403, action
     assert await otad.daemon.services.devices.is_registered("gw-1")
-    assert len(await otad.daemon.services.packages.list()) == 1
+    assert len(await otad.daemon.services.packages.list()) == 2
+    assert [(c.id, c.state) for c in await otad.daemon.services.campaigns.list()] == [(campaign, "running")]
     status, body = await otad.request("GET", "/api/v2/upgrades", params={"deviceName": "gw-1"})
     assert [(u["version"], u["state"]) for u in body["data"]["items"]] == [(version, "notified")]
 
