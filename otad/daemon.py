@@ -16,6 +16,8 @@ from datetime import datetime
 from aiohttp import web
 
 from otad import systemd
+from otad.cache_sync import CacheSync
+from otad.cluster import ClusterNode, SoleNode, is_postgres
 from otad.composition import data_dir_notice, exclusive_data_dir, open_database, prepare_data_dir, services_for
 from otad.config import Settings
 from otad.errors import StartupError
@@ -69,6 +71,7 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
+        self.node: ClusterNode | SoleNode = SoleNode()  # the leader, or one of several (PostgreSQL)
 
     @property
     def http_port(self) -> int:
@@ -114,8 +117,12 @@ class Daemon:
         services.health.add_probe(FIRMWARE, firmware.probe)
         firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
+        await self._join_cluster(services)  # before the caches fill: another node's change is heard
         await services.devices.warm_login_cache()
-        await services.devices.reset_presence()  # nobody is connected to a broker that is not started
+        # Nobody is connected to a broker that is not started; but other nodes' devices are online
+        # on them, and an external broker's devices are its own: then the rows are left as they are.
+        await services.devices.reset_presence(
+            every_device=settings.mqtt.mode == "embedded" and await self.node.alone())
 
         async def on_report(device_name: str, payload: bytes) -> bytes:
             return (await services.ingest.submit(device_name, payload)).to_json()
@@ -165,6 +172,23 @@ class Daemon:
                  self.budget.http_connections, self.budget.mqtt_connections,
                  self._file_limit.describe())
 
+    async def _join_cluster(self, services: Services) -> None:
+        """On PostgreSQL: the dedicated session for leadership and other nodes' changes."""
+        url = self.settings.database.url
+        if not is_postgres(url):
+            self.metrics.leader.set(1)  # SQLite: the only node
+            return
+        # A device deleted on another node: this node's embedded broker ends its sessions. An
+        # external broker was told once, by the node that deleted it.
+        forget = self._broker.forget_device if self.settings.mqtt.mode == "embedded" else None
+        sync = CacheSync(services, forget_device=forget)
+        node = ClusterNode(url, sync.heard, sync.forget_everything, self.metrics.leader.set)
+        sync.attach(node)
+        await node.start()
+        self.node = node
+        self._stack.push_async_callback(node.stop)  # late: the last changes still reach the others
+        self._stack.push_async_callback(sync.close)
+
     async def alive(self) -> dict[str, bool]:
         """What the systemd watchdog checks: the broker serves, the database answers. A full disk
         is not here: restarting would not free any space."""
@@ -183,10 +207,12 @@ class Daemon:
         return checks
 
     async def _maintain(self, services: Services) -> None:
-        """Every few seconds: time out overdue upgrades, write devices' presence. Survives errors."""
+        """Every few seconds: time out overdue upgrades (on the leader only), write devices'
+        presence. Survives errors."""
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
-            for job in (services.upgrades.expire_due, services.devices.flush_presence, services.health.recheck):
+            jobs = (services.devices.flush_presence, services.health.recheck)
+            for job in (services.upgrades.expire_due, *jobs) if self.node.leading else jobs:
                 try:
                     await job()
                 except Exception as exc:
@@ -197,12 +223,19 @@ class Daemon:
                         log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
 
     async def _roll_out(self, services: Services) -> None:
-        """The campaign engine's heartbeat; a failing step is logged and tried again."""
+        """The campaign engine's heartbeat, on the leader only; a failing step is logged and tried again."""
+        leading = False
         while True:
-            try:
-                await services.campaigns.tick()
-            except Exception:
-                log.exception("campaign engine step failed")
+            if not self.node.leading:
+                leading = False
+            else:
+                if not leading:  # just became the leader: what the engine saw when it last led is stale
+                    services.campaigns.forget_views()
+                    leading = True
+                try:
+                    await services.campaigns.tick()
+                except Exception:
+                    log.exception("campaign engine step failed")
             await asyncio.sleep(_CAMPAIGN_TICK)
 
     async def _stop_http(self) -> None:

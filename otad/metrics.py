@@ -32,3 +32,5 @@ class Metrics:
                                            "MQTT messages or sessions refused, dropped or held back by a quota, "
                                            "by kind (retained, queue, inflight, qos2, sessions)", ["kind"],
                                            registry=r)
+        # 1 on the node running the campaign engine and the timeout sweeper (always, with SQLite).
+        self.leader = Gauge("otad_leader", "1 if this node leads (runs campaigns and timeouts), else 0", registry=r)

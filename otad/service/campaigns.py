@@ -232,6 +232,11 @@ class Campaigns:
         for campaign_id in set(self._views) - {campaign.id for campaign in running}:
             self._views.pop(campaign_id, None)
 
+    def forget_views(self) -> None:
+        """Drop the engine's views of running campaigns (read afresh at the next step): this node
+        has just become the leader, or may have missed another node's changes."""
+        self._views.clear()
+
     def _on_upgrades_changed(self, changes: list[UpgradeChange]) -> None:
         for change in changes:
             if change.campaign_id is None:

@@ -34,6 +34,9 @@ class DeviceRegistry:
         self._login_cache: dict[str, str] = {}
         self._deletions = 0  # a lookup that raced a deletion must not re-cache the deleted device
         self._delete_listeners: list[Callable[[str], object]] = []
+        # Told of every change to a device's login made here (deleted, new password): the other
+        # nodes sharing the database drop their cached entry (otad.cache_sync).
+        self._login_listeners: list[Callable[[str], object]] = []
         # Connects and disconnects, kept in memory and written in batches: a fleet reconnecting at
         # once must not become thousands of single-row writes.
         self._presence: dict[str, tuple[bool, datetime]] = {}
@@ -48,10 +51,14 @@ class DeviceRegistry:
         """Call ``listener(name, online)`` when a device connects or goes (live screens)."""
         self._presence_listeners.append(listener)
 
-    async def reset_presence(self) -> None:
-        """At start: whatever was online when the last process ended (even by kill -9) is not now."""
+    async def reset_presence(self, every_device: bool = True) -> None:
+        """At start: whatever was online when the last process ended (even by kill -9) is not now.
+
+        ``every_device`` False: other nodes share the database and their devices are online on
+        them; only what this process noted is dropped (a node-scoped reset: the rows are theirs)."""
         self._presence = {}
-        await repo.mark_all_offline()
+        if every_device:
+            await repo.mark_all_offline()
 
     async def flush_presence(self) -> int:
         pending, self._presence = self._presence, {}
@@ -67,8 +74,33 @@ class DeviceRegistry:
         """Call ``listener(name)`` after a device is deleted (other use cases' caches)."""
         self._delete_listeners.append(listener)
 
+    def on_login_change(self, listener: Callable[[str], object]) -> None:
+        """Call ``listener(name)`` after a device's login changed here: deleted or a new password."""
+        self._login_listeners.append(listener)
+
+    def _login_changed(self, name: str) -> None:
+        for listener in self._login_listeners:
+            listener(name)
+
+    def forget_logins(self, name: str | None = None) -> None:
+        """Drop the cached password of ``name`` (of every device when None): another node changed it."""
+        self._deletions += 1
+        if name is None:
+            self._login_cache.clear()
+        else:
+            self._login_cache.pop(name, None)
+
+    def deleted_elsewhere(self, name: str) -> None:
+        """Another node deleted ``name``: its login and every other cache of it go here too."""
+        self.forget_logins(name)
+        for listener in self._delete_listeners:
+            listener(name)
+
     async def warm_login_cache(self) -> int:
-        self._login_cache = {device.name: device.password_hash for device in await repo.list_devices()}
+        deletions = self._deletions
+        cache = {device.name: device.password_hash for device in await repo.list_devices()}
+        # Another node's deletion or password change heard while reading: not cached from a stale read.
+        self._login_cache = cache if deletions == self._deletions else {}
         return len(self._login_cache)
 
     async def add(self, items: list[dict] | dict) -> list[NewDevice]:
@@ -115,6 +147,7 @@ class DeviceRegistry:
         self._login_cache.pop(name, None)
         for listener in self._delete_listeners:
             listener(name)
+        self._login_changed(name)
         if not deleted:
             raise NotFound(f"参数无效: no device named '{name}'")
         await self._publisher.forget_device(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from otad.errors import Conflict, NotFound, StillReferenced, StorageUnavailable
 from otad.service.health import DATABASE, FIRMWARE, StorageHealth
@@ -28,6 +28,7 @@ class PackageCatalog:
         # a deleted one is dropped here before its file is removed).
         self._by_file: dict[str, PackageRecord] = {}
         self._deletions = 0  # a lookup that raced a deletion must not cache the deleted package
+        self._delete_listeners: list[Callable[[str], object]] = []
 
     @property
     def max_upload_size(self) -> int:
@@ -75,6 +76,18 @@ class PackageCatalog:
     async def list(self) -> list[PackageRecord]:
         return await repo.list_packages()
 
+    def on_delete(self, listener: Callable[[str], object]) -> None:
+        """Call ``listener(file_name)`` after a package was deleted here (the other nodes' caches)."""
+        self._delete_listeners.append(listener)
+
+    def forget(self, file_name: str | None = None) -> None:
+        """Drop the cached package stored as ``file_name`` (every one when None): deleted elsewhere."""
+        self._deletions += 1
+        if file_name is None:
+            self._by_file.clear()
+        else:
+            self._by_file.pop(file_name, None)
+
     async def find_by_file(self, file_name: str) -> PackageRecord | None:
         package = self._by_file.get(file_name)
         if package is None:
@@ -100,7 +113,8 @@ class PackageCatalog:
             await repo.delete_package(package.id)
         except repo.StillUsed:
             raise in_use from None
-        self._deletions += 1
-        self._by_file.pop(package.file_name, None)
+        self.forget(package.file_name)
+        for listener in self._delete_listeners:
+            listener(package.file_name)
         await self._firmware.discard(package.file_name)
         log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, cancelled)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from otad.errors import InvalidInput, NotFound
 from otad.service.devices import DeviceRegistry
 from otad.service.validation import check_package_name, optional_text, parse_int, required_text
@@ -16,14 +18,26 @@ class PassivePins:
         # every change that could alter an answer: a pin saved or deleted, or the device deleted.
         self._poll_cache: dict[str, PassivePinRecord] = {}
         self._changes = 0  # a poll that read the database across a change must not cache what it read
-        devices.on_delete(self._forget)
+        self._listeners: list[Callable[[str | None], object]] = []
+        devices.on_delete(self.forget)
 
-    def _forget(self, device_name: str | None = None) -> None:
+    def on_change(self, listener: Callable[[str | None], object]) -> None:
+        """Call ``listener(device_name)`` after a pin changed here (None: some pin was deleted), so
+        the other nodes drop their cached answer (otad.cache_sync)."""
+        self._listeners.append(listener)
+
+    def forget(self, device_name: str | None = None) -> None:
+        """Drop the cached pin of ``device_name`` (every one when None)."""
         self._changes += 1
         if device_name is None:
             self._poll_cache.clear()
         else:
             self._poll_cache.pop(device_name, None)
+
+    def _changed(self, device_name: str | None) -> None:
+        self.forget(device_name)
+        for listener in self._listeners:
+            listener(device_name)
 
     async def pin(self, body: object) -> PassivePinRecord:
         """``{"deviceName","name","description","versionName"}``: pin (or re-pin) the device's package."""
@@ -37,7 +51,7 @@ class PassivePins:
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
         saved = await repo.save_passive_pin(device.id, package.id, version_name, description)
-        self._forget(device.name)
+        self._changed(device.name)
         return saved
 
     async def for_device(self, device_name: object) -> PassivePinRecord:
@@ -60,4 +74,4 @@ class PassivePins:
         pin_id = parse_int(raw_id, "id")
         if not await repo.delete_passive_pin(pin_id):
             raise NotFound(f"参数无效: no passive pin with id {pin_id}")
-        self._forget()  # pins are few and rarely deleted; no need to find the device
+        self._changed(None)  # pins are few and rarely deleted; no need to find the device

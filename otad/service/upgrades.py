@@ -151,6 +151,16 @@ class UpgradeService:
         """Call ``listener(changes)`` after upgrades change state (the campaign engine's view)."""
         self._listeners.append(listener)
 
+    def changed_elsewhere(self, changes: list[UpgradeChange]) -> None:
+        """Another node changed these upgrades: only the listeners hear of it (this node's view of
+        a campaign, live screens). Their commands are that node's business: clearing one here could
+        clear a newer command on a shared broker."""
+        for listener in self._listeners:
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("an upgrade-change listener failed")
+
     async def changed(self, changes: list[UpgradeChange]) -> None:
         """Upgrades changed state (already written): an upgrade that ended takes its command with
         it, never delivered again, retained or queued; then the listeners hear of it."""
