@@ -3,6 +3,8 @@ form, the API's login limit, logout."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from tests.dashboard import DashboardClient, csrf_of, log_in
@@ -100,5 +102,26 @@ async def test_pages_load_nothing_from_outside_and_forbid_framing(otad):
             page = await response.text()
         assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
         assert "http://" not in page.replace(otad.url, "") and "https://" not in page
+    finally:
+        await client.close()
+
+
+async def test_a_login_form_that_is_huge_or_never_ends_is_refused_and_the_page_keeps_serving(otad):
+    """The login form is the one form anyone may send: its body is bounded in size and time."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", otad.daemon.http_port)
+    try:
+        # chunked, no Content-Length: refused before any of it is read
+        writer.write(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 400"), status
+    finally:
+        writer.close()
+    client = _anonymous(otad)
+    try:
+        status, body, _ = await client.post("/login", {"username": "a" * 70_000, "password": "x"}, csrf_from="/login")
+        assert status == 413 and "<h1>Log in to otad</h1>" in body
+        assert (await client.get("/login"))[0] == 200
     finally:
         await client.close()

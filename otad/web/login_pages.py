@@ -9,8 +9,8 @@ from aiohttp import web
 from otad.errors import Forbidden, OtadError
 from otad.web.keys import DASHBOARD
 from otad.web.render import render, see_other
-from otad.web.session import (CSRF_FIELD, LOGIN_COOKIE, MAX_FORM, SESSION_COOKIE, SESSION_MAX_AGE, new_login_token,
-                              same_origin, session_action, set_cookie)
+from otad.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, SESSION_MAX_AGE, new_login_token,
+                              same_origin, session_action, set_cookie, small_form)
 
 routes = web.RouteTableDef()
 
@@ -38,9 +38,10 @@ async def login_form(request: web.Request) -> web.Response:
 
 @routes.post("/login")
 async def log_in(request: web.Request) -> web.StreamResponse:
-    if (request.content_length or 0) > MAX_FORM:
-        return _login_form(request, 413, OtadError("参数无效: the form is too large"))
-    form = await request.post()
+    try:
+        form = await small_form(request)
+    except OtadError as error:
+        return _login_form(request, error.status, error)
     username = str(form.get("username", ""))
     expected = request.cookies.get(LOGIN_COOKIE, "")
     sent = str(form.get(CSRF_FIELD, "")).encode()

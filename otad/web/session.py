@@ -10,6 +10,7 @@ Before login the form carries a random token matched against a cookie of its own
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -19,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from multidict import MultiDictProxy
 
 from otad import uploads
-from otad.errors import Forbidden, NotLoggedIn, OtadError
+from otad.errors import Forbidden, InvalidInput, NotLoggedIn, OtadError, TooLarge
 from otad.service.admins import LOGIN_TOKEN_LIFETIME, login_token_user
 from otad.service.roles import require_change
 from otad.web.keys import DASHBOARD, OPERATOR, Operator
@@ -67,9 +69,26 @@ async def form_token(request: web.Request) -> str:
         return header
     if request.content_type == "multipart/form-data":
         return await _first_part_token(request)
-    if request.content_type == "application/x-www-form-urlencoded" and (request.content_length or 0) <= MAX_FORM:
-        return str((await request.post()).get(CSRF_FIELD, ""))
+    if request.content_type == "application/x-www-form-urlencoded":
+        return str((await small_form(request)).get(CSRF_FIELD, ""))
     return ""
+
+
+async def small_form(request: web.Request) -> MultiDictProxy:
+    """An urlencoded form (login, every button): at most MAX_FORM bytes, with a Content-Length
+    (browsers always send one for these), all of it within the body timeout, so a client that
+    trickles or streams a body holds neither memory nor a connection for long. Read once; the
+    handler's ``request.post()`` gets the same form."""
+    if request.content_length is None:
+        raise InvalidInput("参数无效: a form needs a Content-Length")
+    if request.content_length > MAX_FORM:
+        raise TooLarge(f"参数无效: the form is over {MAX_FORM} bytes")
+    timeout = request.app[DASHBOARD].body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.post()
+    except TimeoutError:
+        raise InvalidInput(f"参数无效: the form did not arrive within {timeout:g} s") from None
 
 
 async def _first_part_token(request: web.Request) -> str:
