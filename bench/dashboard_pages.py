@@ -18,8 +18,9 @@ every device offline), a user added with `otad user add`, a login through the fo
 process starts with each page's body as otad served it. Per page, otad and the reference
 alternately: 2 warm-ups, then N sequential requests on one keep-alive connection, timed from
 sending to the last byte (/events: to the end of its first block, then closed). A 404 is reported
-as "not there yet". Prints medians and p95 per run, the median of the runs' medians, the ratio and
-the verdict against 200 ms, and the load average before and after. With --profile S the daemon
+as "not there yet". Prints medians and p95 per run, the daemon's CPU per request (utime + stime
+from /proc: what a busy machine changes least), the median of the runs' medians, the ratio and the
+verdict against 200 ms (on the p95), and the load average before and after. With --profile S the daemon
 is also sampled by py-spy for S seconds per page while it is requested, and the hottest frames are
 printed. Every process started is stopped by its PID.
 """
@@ -52,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port  # noqa: E402
 from bench.http_bench import wait_http  # noqa: E402
+from bench.report_ingest import cpu_seconds  # noqa: E402
 from otad.service.campaigns import stage_of  # noqa: E402
 from otad.store.database import Database  # noqa: E402
 from tests.dashboard import DashboardClient  # noqa: E402
@@ -388,17 +390,22 @@ async def fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, s
         return response.status, body, response.content_type
 
 
-async def timed(session: aiohttp.ClientSession, url: str, count: int) -> list[float]:
-    """Seconds per request, sending to the last byte, of ``count`` sequential requests after the warm-ups."""
-    times = []
+async def timed(session: aiohttp.ClientSession, url: str, count: int,
+                pid: int | None = None) -> tuple[list[float], float]:
+    """Seconds per request, sending to the last byte, of ``count`` sequential requests after the
+    warm-ups; and the CPU seconds per request of the server ``pid`` meanwhile (what the load on a
+    shared machine does not change much)."""
+    times, cpu = [], 0.0
     for i in range(WARMUPS + count):
+        if i == WARMUPS and pid is not None:
+            cpu = cpu_seconds(pid)
         started = time.perf_counter()
         status, _, _ = await fetch(session, url)
         if status != 200:
             raise RuntimeError(f"{url}: HTTP {status} while timing")
         if i >= WARMUPS:
             times.append(time.perf_counter() - started)
-    return times
+    return times, (cpu_seconds(pid) - cpu) / count if pid is not None else 0.0
 
 
 def _p95(times: list[float]) -> float:
@@ -410,6 +417,7 @@ class PageRun:
     status: int
     size: int
     otad: list[float] = field(default_factory=list)
+    otad_cpu: float = 0.0  # the daemon's CPU seconds per request
     reference: list[float] = field(default_factory=list)
 
 
@@ -453,8 +461,9 @@ async def measure(daemon: Daemon, paths: list[str], count: int, workdir: Path) -
                                       str(workdir / "pages.json")])
         await _wait_reference(plain, f"http://127.0.0.1:{port}/")
         for path in manifest:
-            runs[path].otad = await timed(client.session, daemon.url + path, count)
-            runs[path].reference = await timed(plain, f"http://127.0.0.1:{port}{path}", count)
+            runs[path].otad, runs[path].otad_cpu = await timed(client.session, daemon.url + path, count,
+                                                               daemon.process.pid)
+            runs[path].reference, _ = await timed(plain, f"http://127.0.0.1:{port}{path}", count)
         return runs
     finally:
         if reference is not None:
@@ -511,23 +520,24 @@ def _load() -> str:
 def report(paths: list[tuple[str, str]], runs: list[dict[str, PageRun]]) -> list[tuple[str, str, float]]:
     """The table: per page, the median of the runs' medians and p95s, the reference, the ratio, the
     verdict. Returns (what, path, median ms) of the pages over the target."""
-    print(f"\n| page | path | bytes | otad median (ms) | otad p95 | reference median | ratio "
+    print(f"\n| page | path | bytes | otad median (ms) | otad p95 | otad CPU/request | reference median | ratio "
           f"| under {TARGET_MS:.0f} ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     over = []
     for what, path in paths:
         first = runs[0][path]
         if first.status != 200:
             verdict = "not there yet" if first.status == 404 else f"HTTP {first.status}"
-            print(f"| {what} | `{path}` | - | - | - | - | - | {verdict} |")
+            print(f"| {what} | `{path}` | - | - | - | - | - | - | {verdict} |")
             continue
         median = statistics.median(1000 * statistics.median(run[path].otad) for run in runs)
         p95 = statistics.median(1000 * _p95(run[path].otad) for run in runs)
+        cpu = statistics.median(1000 * run[path].otad_cpu for run in runs)
         reference = statistics.median(1000 * statistics.median(run[path].reference) for run in runs)
         verdict = "PASS" if p95 < TARGET_MS else "p95 over" if median < TARGET_MS else "over"
         if median >= TARGET_MS or p95 >= TARGET_MS:
             over.append((what, path, median))
-        print(f"| {what} | `{path}` | {first.size:,} | {median:.1f} | {p95:.1f} | {reference:.2f} | "
+        print(f"| {what} | `{path}` | {first.size:,} | {median:.1f} | {p95:.1f} | {cpu:.0f} | {reference:.2f} | "
               f"{median / reference:.0f}x | {verdict} |")
     return over
 
@@ -568,7 +578,7 @@ def main() -> None:
             runs.append(result)
             for path, page in result.items():
                 timing = (f"otad median {1000 * statistics.median(page.otad):.1f} ms, "
-                          f"p95 {1000 * _p95(page.otad):.1f}; "
+                          f"p95 {1000 * _p95(page.otad):.1f}, CPU {1000 * page.otad_cpu:.0f} ms/request; "
                           f"reference {1000 * statistics.median(page.reference):.2f} ms" if page.otad else "")
                 print(f"run {number}: {path} HTTP {page.status}, {page.size:,} B {timing}", flush=True)
             print(f"run {number}: load average {_load()}", flush=True)
