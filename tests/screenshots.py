@@ -165,12 +165,6 @@ async def build_fleet(otad) -> tuple[list[Device], int]:
     return devices, gateway_campaign
 
 
-async def first_link(tab: Tab, selector: str) -> str | None:
-    """The first link's path matching ``selector`` on the page shown, if any."""
-    link = tab.page.locator(selector).first
-    return await link.get_attribute("href") if await link.count() else None
-
-
 async def shoot(tab: Tab, path: str | None, out: Path, name: str) -> None:
     if path is None:
         print(f"{name}: nothing to show, skipped", file=sys.stderr)
@@ -207,7 +201,9 @@ async def take(out: Path) -> None:
                 _, busy = await otad.request("GET", "/api/v2/upgrades", params={"state": "downloading"})
                 await shoot(tab, f"/devices/{busy['data']['items'][0]['deviceName']}", out, "device")
                 await shoot(tab, "/upgrades", out, "upgrades")
-                await shoot(tab, await first_link(tab, 'main a[href^="/upgrades/"]'), out, "upgrade")
+                # One mid-way, with device reports in its timeline.
+                _, working = await otad.request("GET", "/api/v2/upgrades", params={"state": "updating"})
+                await shoot(tab, f"/upgrades/{working['data']['items'][0]['version']}", out, "upgrade")
                 await shoot(tab, "/campaigns", out, "campaigns")
                 await shoot(tab, f"/campaigns/{running}", out, "campaign")
                 tab.check()  # nothing came from outside, no script error
