@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 
 from otad.config import Settings
 from otad.errors import StartupError
-from otad.firmware import FirmwareStore
+from otad.firmware import DirectoryStore, FirmwareStore
 from otad.service import Services, build_services
 from otad.service.clock import utc_now
 from otad.service.ports import Publisher
@@ -26,7 +28,9 @@ from otad.store.database import Database
 def prepare_data_dir(settings: Settings) -> None:
     """Create the data directory and prove it is writable, or raise one clear StartupError."""
     try:
-        settings.firmware_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not settings.firmware.url:  # a shared mount is never created here (DirectoryStore.prepare)
+            settings.firmware_dir.mkdir(parents=True, exist_ok=True)
         probe = settings.data_dir / f".write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -75,6 +79,28 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
         await database.close()
 
 
+def node_name(settings: Settings) -> str:
+    """This daemon's name on a shared firmware store: the host and its data directory (which
+    one daemon at a time holds), so two nodes on one host are two names."""
+    where = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{where}"
+
+
+def firmware_store(settings: Settings) -> FirmwareStore:
+    """The store ``firmware.url`` names: the data directory's, a shared mount (file://) or an
+    S3-compatible bucket (s3://). Its ``aclose()`` is the caller's."""
+    url = settings.firmware.url
+    if url.startswith("s3://"):
+        try:
+            from otad.firmware.s3 import S3Store  # aiobotocore is loaded only where S3 is used
+        except ImportError as exc:
+            raise StartupError(f"firmware.url {url} needs the S3 client: pip install 'otad[s3]' ({exc})") from None
+        return S3Store(url, settings.firmware.s3_endpoint)
+    if url:
+        return DirectoryStore(settings.firmware_dir, node=node_name(settings))
+    return DirectoryStore(settings.firmware_dir)
+
+
 def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publisher,
                  clock: Callable[[], datetime] = utc_now) -> Services:
     """``build_services`` with every argument that comes from the settings taken from them."""
@@ -108,8 +134,9 @@ async def admin_services(settings: Settings) -> AsyncIterator[Services]:
     """The services of a local admin command, on the data directory's database (which the
     daemon may have open at the same time)."""
     prepare_data_dir(settings)
-    async with open_database(settings):
-        services = services_for(settings, FirmwareStore(settings.firmware_dir), NoPublisher())
+    firmware = firmware_store(settings)  # no admin command touches firmware: an S3 one never connects
+    async with open_database(settings), contextlib.aclosing(firmware):
+        services = services_for(settings, firmware, NoPublisher())
         try:
             yield services
         finally:

@@ -18,10 +18,10 @@ from aiohttp import web
 from otad import systemd
 from otad.cache_sync import CacheSync
 from otad.cluster import ClusterNode, SoleNode, is_postgres
-from otad.composition import data_dir_notice, exclusive_data_dir, open_database, prepare_data_dir, services_for
+from otad.composition import (data_dir_notice, exclusive_data_dir, firmware_store, open_database, prepare_data_dir,
+                              services_for)
 from otad.config import Settings
 from otad.errors import StartupError
-from otad.firmware import FirmwareStore
 from otad import limits
 from otad.http.app import ACCESS_LOG_FORMAT, create_app
 from otad.http.connections import ConnectionGuard, ResponseEndLogger
@@ -109,13 +109,15 @@ class Daemon:
         log.info("%s", data_dir_notice(settings))
         await self._stack.enter_async_context(open_database(settings))
         self._context = contextvars.copy_context()
-        firmware = FirmwareStore(settings.firmware_dir)
-        firmware.prepare()
+        firmware = firmware_store(settings)
+        self._stack.push_async_callback(firmware.aclose)
+        await firmware.prepare()
+        log.info("firmware store: %s", firmware.describe())
         self.services = services = services_for(settings, firmware, self._broker, self._clock)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
         services.health.add_probe(DATABASE, probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
-        firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
+        await firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await self._join_cluster(services)  # before the caches fill: another node's change is heard
         await services.devices.warm_login_cache()

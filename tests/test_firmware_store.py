@@ -11,9 +11,8 @@ import os
 
 import pytest
 
-from otad import firmware
 from otad.errors import TooLarge
-from otad.firmware import FirmwareStore
+from otad.firmware import DirectoryStore, directory
 
 
 async def _chunks(chunks, fail_at=None):
@@ -24,15 +23,15 @@ async def _chunks(chunks, fail_at=None):
         yield chunk
 
 
-def _files(store: FirmwareStore) -> list[str]:
+def _files(store: DirectoryStore) -> list[str]:
     return sorted(path.name for path in store.directory.rglob("*") if path.is_file())
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setattr(firmware._Intake, "SYNC_EVERY", 1000)  # many background syncs on small data
-    store = FirmwareStore(tmp_path)
-    store.prepare()
+async def store(tmp_path, monkeypatch):
+    monkeypatch.setattr(directory._Intake, "SYNC_EVERY", 1000)  # many background syncs on small data
+    store = DirectoryStore(tmp_path)
+    await store.prepare()
     return store
 
 

@@ -1,7 +1,9 @@
-"""The firmware file store: streamed writes with hashing, atomic rename, safe names.
+"""Firmware files in a directory: this machine's (the default), or a mount several nodes share.
 
-Files are named ``<uuid4><ext>`` and live flat in one directory. A name is only ever turned into a
-path after it matched ``STORED_NAME``, so no request can reach a file outside that directory.
+Uploads are streamed to ``.incoming`` with hashing on the way, flushed, then renamed into place,
+so a stored name only ever holds a whole file. On a shared mount (``node`` set) each node names its
+temp files after itself and sweeps another node's leftovers only once they are ``grace`` seconds
+old: a younger one may be an upload in progress on that node.
 """
 
 from __future__ import annotations
@@ -11,73 +13,88 @@ import errno
 import hashlib
 import logging
 import os
-import re
+import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import aiofiles
 import aiofiles.os
 
-from otad.errors import MissingInput, StorageFull, TooLarge
+from otad import firmware
+from otad.errors import MissingInput, StartupError, StorageFull, TooLarge
 
 log = logging.getLogger(__name__)
 
-STORED_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.[a-z0-9]{1,10}")
 _TEMP_DIR = ".incoming"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_READ_CHUNK = 256 * 1024
 
 
-@dataclass(frozen=True)
-class StoredFile:
-    file_name: str
-    size: int
-    md5: str
-    sha256: str
-
-
-def stored_extension(original_name: str | None) -> str:
-    """The original file's extension, lowercased and reduced to ``[a-z0-9]``; ``.bin`` if none is left."""
-    # Browsers and curl on Windows may send a full path: keep only the last component of either kind.
-    base = PureWindowsPath(PurePosixPath(original_name or "").name).name
-    suffix = re.sub(r"[^a-z0-9]", "", PurePosixPath(base).suffix.lower())[:10]
-    return f".{suffix}" if suffix else ".bin"
-
-
-class FirmwareStore:
-    def __init__(self, directory: Path) -> None:
+class DirectoryStore(firmware.FirmwareStore):
+    def __init__(self, directory: Path, node: str | None = None, grace: float = firmware.SHARED_GRACE) -> None:
+        """``node`` None: the directory is this daemon's alone (the data directory lock sees to
+        it), so every leftover is stale. Set: a shared mount, ``node`` names this daemon there."""
         self.directory = directory
         self._incoming = directory / _TEMP_DIR
+        self._node = node
+        self._grace = grace if node is not None else 0.0
+        self._prefix = f"{node}." if node is not None else ""
 
-    def prepare(self) -> None:
-        """Create the directories and drop partial uploads left by a crash."""
+    def describe(self) -> str:
+        kind = f"shared directory (node {self._node})" if self._node is not None else "directory"
+        return f"{kind} {self.directory}"
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self._prepare)
+
+    def _prepare(self) -> None:
+        if self._node is not None and not self.directory.is_dir():
+            # Created here, it would be a local directory no other node sees: an unmounted share.
+            raise StartupError(f"shared firmware directory {self.directory} does not exist (is it mounted?)")
         self._incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self._incoming.iterdir():
-            log.warning("removing partial upload left from an earlier run: %s", leftover.name)
-            leftover.unlink(missing_ok=True)
+            # Our own temp files are from an earlier run of this node (it holds the data dir lock).
+            if leftover.name.startswith(self._prefix) or self._is_old(leftover):
+                log.warning("removing partial upload left from an earlier run: %s", leftover.name)
+                leftover.unlink(missing_ok=True)
 
-    def sweep_orphans(self, known: set[str]) -> None:
-        """Remove stored files that no package references (a crash between rename and insert)."""
+    def _is_old(self, path: Path) -> bool:
+        try:
+            return time.time() - path.stat().st_mtime >= self._grace
+        except FileNotFoundError:
+            return False  # its owner finished (or removed) it meanwhile
+
+    async def sweep_orphans(self, known: set[str]) -> None:
+        await asyncio.to_thread(self._sweep_orphans, known)
+
+    def _sweep_orphans(self, known: set[str]) -> None:
         for entry in self.directory.iterdir():
-            if entry.is_file() and STORED_NAME.fullmatch(entry.name) and entry.name not in known:
+            if (entry.is_file() and firmware.STORED_NAME.fullmatch(entry.name) and entry.name not in known
+                    and self._is_old(entry)):
                 log.warning("removing firmware file with no package: %s", entry.name)
                 entry.unlink(missing_ok=True)
 
     def path_of(self, file_name: str) -> Path | None:
-        """The path of a stored file, or None for any name that is not a stored name."""
-        if not STORED_NAME.fullmatch(file_name):
+        if not firmware.STORED_NAME.fullmatch(file_name):
             return None
         return self.directory / file_name
 
-    async def receive(self, chunks: AsyncIterator[bytes], original_name: str | None, max_size: int) -> StoredFile:
-        """Stream ``chunks`` to a temp file, hashing on the way, then rename it into place.
+    async def read(self, file_name: str, start: int, length: int) -> firmware.Reading | None:
+        path = self.path_of(file_name)
+        if path is None:
+            return None
+        try:
+            handle = await aiofiles.open(path, "rb")
+        except FileNotFoundError:
+            return None
+        await handle.seek(start)
+        return _FileReading(handle, length)
 
-        Raises MissingInput for an empty file and TooLarge past ``max_size``; either way, and on any
-        other failure, nothing is left on disk.
-        """
-        file_name = f"{uuid.uuid4()}{stored_extension(original_name)}"
-        temp_path = self._incoming / f"{file_name}.part"
+    async def receive(self, chunks: AsyncIterator[bytes], original_name: str | None, max_size: int) -> firmware.StoredFile:
+        """Stream ``chunks`` to a temp file, hashing on the way, then rename it into place."""
+        file_name = f"{uuid.uuid4()}{firmware.stored_extension(original_name)}"
+        temp_path = self._incoming / f"{self._prefix}{file_name}.part"
         try:
             async with aiofiles.open(temp_path, "wb") as out:
                 intake = _Intake(out)
@@ -97,12 +114,12 @@ class FirmwareStore:
             if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
                 raise StorageFull("firmware store: no space left on the device") from None
             raise
-        return StoredFile(file_name=file_name, size=intake.size, md5=intake.md5.hexdigest(),
-                          sha256=intake.sha256.hexdigest())
+        return firmware.StoredFile(file_name=file_name, size=intake.size, md5=intake.md5.hexdigest(),
+                                   sha256=intake.sha256.hexdigest())
 
     async def probe(self) -> None:
         """A small durable write where uploads go; raises StorageFull when there is no room."""
-        path = self._incoming / f".probe-{uuid.uuid4().hex}"
+        path = self._incoming / f"{self._prefix}.probe-{uuid.uuid4().hex}"
 
         def write() -> None:
             try:
@@ -124,6 +141,18 @@ class FirmwareStore:
         if path is not None:
             await asyncio.to_thread(path.unlink, missing_ok=True)
 
+
+class _FileReading(firmware.Reading):
+    def __init__(self, handle, length: int) -> None:
+        self._handle, self._left = handle, length
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self._left > 0 and (chunk := await self._handle.read(min(_READ_CHUNK, self._left))):
+            self._left -= len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._handle.close()
 
 
 class _Intake:
