@@ -124,7 +124,7 @@ def check_config(config_file: Path | None, **params: Any) -> None:
 
 # Settings whose value check-config does not print, and the fields of a table that hide a secret
 # (the xiaozhi boards' [xiaozhi.mqtt] has a password, [xiaozhi.websocket] a token).
-_SECRET_KEYS = ("client.token",)
+_SECRET_KEYS = ("client.token", "mqtt.hook_secret")
 _URL_KEYS = ("database.url", "mqtt.external_url")  # shown with the password masked
 _SECRET_FIELDS = ("password", "token", "secret", "key")
 

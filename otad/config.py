@@ -64,6 +64,7 @@ class MqttSettings:
     mode: str = "embedded"  # MQTT_MODES: otad's own broker, or a client of an external one
     external_url: str = ""  # mqtt(s)://user:pass@host:port: otad's own account on the external broker
     provisioning: str = "none"  # PROVISIONING_KINDS: how devices get credentials on the external broker
+    hook_secret: str = ""  # http-hooks: the header EMQX sends; "": the hooks answer 127.0.0.1 only
 
 
 # mqtt.mode and mqtt.provisioning (issue 13).
@@ -397,6 +398,7 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.mode", _parse_choice(MQTT_MODES), "embedded", qualified=True),
     Key("mqtt.external_url", _parse_url_of(("mqtt", "mqtts"), "mqtt://otad:secret@broker:1883"), "", qualified=True),
     Key("mqtt.provisioning", _parse_choice(PROVISIONING_KINDS), "none", qualified=True),
+    Key("mqtt.hook_secret", lambda raw: str(raw).strip(), "", qualified=True),
     Key("database.url", _parse_url_of(("postgres", "postgresql"), "postgres://otad:secret@db:5432/otad"), "",
         qualified=True),
     Key("firmware.url", _parse_url_of(("file", "s3"), "file:///srv/otad-firmware or s3://bucket/prefix"), "",
@@ -544,6 +546,7 @@ def load_settings(
             mode=values["mqtt.mode"],
             external_url=values["mqtt.external_url"],
             provisioning=values["mqtt.provisioning"],
+            hook_secret=values["mqtt.hook_secret"],
         ),
         database=DatabaseSettings(url=values["database.url"]),
         firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"]),

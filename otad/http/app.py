@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from otad.config import Settings
-from otad.http import (admin_routes, campaign_routes, download, openapi, ops_routes, passive_routes,
+from otad.http import (admin_routes, campaign_routes, download, hook_routes, openapi, ops_routes, passive_routes,
                        upgrade_routes, xiaozhi_routes)
 from otad.http.connections import CONNECTIONS, ConnectionGuard
 from otad.http.envelope import ALWAYS_HTTP_200, API_HANDLERS, MAX_JSON_BODY, envelope_middleware
@@ -48,6 +48,8 @@ def create_app(services: Services, settings: Settings, observer: RequestObserver
     app.add_routes(ops_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(xiaozhi_routes.routes)
+    if settings.mqtt.provisioning == "http-hooks":  # EMQX asks otad who may connect and publish
+        app.add_routes(hook_routes.routes)
     app[API_HANDLERS] = frozenset(route.handler for route in app.router.routes())
     if dashboard is not None:
         dashboard(app)
