@@ -20,7 +20,9 @@ from otad.errors import OtadError, StartupError
 from otad.service.roles import ADMIN, ROLES
 
 # Flags every command takes (admin commands open the same database as serve).
-_COMMON_KEYS = ("data_dir", "log_level")
+# The mqtt keys: with mqtt.provisioning = mosquitto-dynsec, device add and reset-password push the
+# device's account to the broker themselves.
+_COMMON_KEYS = ("data_dir", "log_level", "mqtt.mode", "mqtt.external_url", "mqtt.provisioning")
 role_option = click.option("--role", type=click.Choice(ROLES), default=ADMIN, show_default=True,
                            help="admin changes things; viewer sees everything and changes nothing")
 
@@ -275,6 +277,24 @@ def device_add(name: str, product_id: str, config_file: Path | None, **params: A
     click.echo(f"added device '{name}' (product {added[0].product_id}); MQTT username is the device name, "
                "password shown only now:", err=True)
     click.echo(added[0].password)
+
+
+@device.command("reset-password")
+@click.argument("name", required=False)
+@click.option("--all", "every", is_flag=True, help="every registered device")
+@common_options
+def device_reset_password(name: str | None, every: bool, config_file: Path | None, **params: Any) -> None:
+    """Give NAME (or, with --all, every device) a new MQTT password, printed once: one
+    `NAME<TAB>password` line each on stdout. The old one stops working. With mqtt.provisioning =
+    mosquitto-dynsec the broker's accounts get the new passwords first (this command connects to
+    mqtt.external_url itself; no running daemon is needed)."""
+    if (name is None) != every:
+        raise click.UsageError("give a device NAME or --all (not both)")
+    settings = _admin_settings(config_file, params)
+    reset = _with_services(settings, lambda s: s.devices.reset_passwords(None if every else [name]))
+    for device in reset:
+        click.echo(f"{device.name}\t{device.password}")
+    click.echo(f"reset the MQTT password of {len(reset)} device(s); shown only now", err=True)
 
 
 @device.command("activate")

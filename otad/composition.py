@@ -19,9 +19,10 @@ from datetime import datetime
 from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import DirectoryStore, FirmwareStore
+from otad.mqtt.dynsec import DynsecProvisioner
 from otad.service import Services, build_services
 from otad.service.clock import utc_now
-from otad.service.ports import Publisher
+from otad.service.ports import DeviceCredentials, NoProvisioning, Publisher
 from otad.store.database import Database
 
 
@@ -79,6 +80,14 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
         await database.close()
 
 
+def device_accounts(settings: Settings) -> DeviceCredentials:
+    """Where device accounts are pushed: mosquitto's dynamic-security plugin, or nowhere (the
+    embedded broker and the http-hooks read otad's own registry)."""
+    if settings.mqtt.provisioning == "mosquitto-dynsec":
+        return DynsecProvisioner(settings.mqtt.external_url, settings.mqtt.connect_timeout)
+    return NoProvisioning()
+
+
 def node_name(settings: Settings) -> str:
     """This daemon's name on a shared firmware store: the host and its data directory (which
     one daemon at a time holds), so two nodes on one host are two names."""
@@ -102,14 +111,14 @@ def firmware_store(settings: Settings) -> FirmwareStore:
 
 
 def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publisher,
-                 clock: Callable[[], datetime] = utc_now) -> Services:
+                 clock: Callable[[], datetime] = utc_now, accounts: DeviceCredentials | None = None) -> Services:
     """``build_services`` with every argument that comes from the settings taken from them."""
     return build_services(firmware, publisher, settings.http.max_upload_size,
                           xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
                           upgrade_timeout=settings.upgrade.timeout, clock=clock,
                           timeline_limit=settings.upgrade.timeline_limit,
                           login_max_failures=settings.http.login_max_failures,
-                          login_window=settings.http.login_window)
+                          login_window=settings.http.login_window, accounts=accounts)
 
 
 class NoPublisher:
@@ -136,8 +145,12 @@ async def admin_services(settings: Settings) -> AsyncIterator[Services]:
     prepare_data_dir(settings)
     firmware = firmware_store(settings)  # no admin command touches firmware: an S3 one never connects
     async with open_database(settings), contextlib.aclosing(firmware):
-        services = services_for(settings, firmware, NoPublisher())
+        # The admin commands push device accounts to the broker themselves (device add,
+        # reset-password), over a short connection of their own: no running daemon is needed.
+        accounts = device_accounts(settings)
+        services = services_for(settings, firmware, NoPublisher(), accounts=accounts)
         try:
             yield services
         finally:
             services.admins.close()  # its password-hashing threads
+            await accounts.close()

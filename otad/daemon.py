@@ -18,9 +18,9 @@ from aiohttp import web
 from otad import systemd
 from otad.cache_sync import CacheSync
 from otad.cluster import ClusterNode, SoleNode, is_postgres
-from otad.composition import (data_dir_notice, exclusive_data_dir, firmware_store, open_database, prepare_data_dir,
-                              services_for)
-from otad.config import Settings
+from otad.composition import (data_dir_notice, device_accounts, exclusive_data_dir, firmware_store, open_database,
+                              prepare_data_dir, services_for)
+from otad.config import Settings, redact_url
 from otad.errors import StartupError
 from otad import limits
 from otad.http.app import ACCESS_LOG_FORMAT, create_app
@@ -29,6 +29,7 @@ from otad.limits import raise_open_file_limit
 from otad.metrics import Metrics
 from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
+from otad.mqtt.external import ExternalBroker
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services
 from otad.service.clock import utc_now
@@ -66,8 +67,10 @@ class Daemon:
                                    settings.mqtt.max_connections)
         self.connections = ConnectionGuard(self.budget.http_connections, settings.http.head_timeout, self.metrics)
         self._observer = RequestObserver(self.metrics)
-        self._broker = EmbeddedBroker(replace(settings.mqtt, max_connections=self.budget.mqtt_connections),
-                                      self.metrics)
+        # mqtt.mode: otad's own broker, or otad as a client of an external one (same Publisher port).
+        self._broker: EmbeddedBroker | ExternalBroker = ExternalBroker(settings.mqtt, settings.data_dir) \
+            if settings.mqtt.mode == "external" else \
+            EmbeddedBroker(replace(settings.mqtt, max_connections=self.budget.mqtt_connections), self.metrics)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
@@ -79,7 +82,8 @@ class Daemon:
         return self._listener.sockets[0].getsockname()[1]
 
     @property
-    def mqtt_port(self) -> int:
+    def mqtt_port(self) -> int | None:
+        """The embedded broker's port; None in external mode (otad listens for no MQTT then)."""
         return self._broker.port
 
     @property
@@ -113,7 +117,9 @@ class Daemon:
         self._stack.push_async_callback(firmware.aclose)
         await firmware.prepare()
         log.info("firmware store: %s", firmware.describe())
-        self.services = services = services_for(settings, firmware, self._broker, self._clock)
+        accounts = device_accounts(settings)
+        self._stack.push_async_callback(accounts.close)
+        self.services = services = services_for(settings, firmware, self._broker, self._clock, accounts)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
         services.health.add_probe(DATABASE, probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
@@ -139,8 +145,11 @@ class Daemon:
             if mqtt.tls_port and mqtt.certfile and mqtt.keyfile else None
         http_tls = self.certificates.server_context("HTTPS", http.certfile, http.keyfile) \
             if http.certfile and http.keyfile else None
-        await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
-                                 services.devices.note_presence, mqtt_tls)
+        if isinstance(self._broker, ExternalBroker):
+            await self._broker.start(on_report)  # presence: the external broker's business
+        else:
+            await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
+                                     services.devices.note_presence, mqtt_tls)
         self._stack.push_async_callback(self._broker.stop)
         # Before the campaign engine runs: it may supersede what is being restored.
         restored = await services.upgrades.restore_pending()
@@ -301,7 +310,8 @@ async def serve(settings: Settings) -> None:
     await daemon.start()
     tune_garbage_collector()
     systemd.notify("READY=1")
-    systemd.notify(f"STATUS=serving HTTP on {daemon.http_port}, MQTT on {daemon.mqtt_port}")
+    mqtt = f"MQTT on {daemon.mqtt_port}" if daemon.mqtt_port else f"MQTT via {redact_url(settings.mqtt.external_url)}"
+    systemd.notify(f"STATUS=serving HTTP on {daemon.http_port}, {mqtt}")
     log.info("otad ready")
     watchdog = asyncio.create_task(_watchdog(daemon), name="otad-watchdog")
     await stop.wait()

@@ -18,7 +18,7 @@ from otad.service.login_guard import DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, Login
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
-from otad.service.ports import Publisher
+from otad.service.ports import DeviceCredentials, Publisher
 from otad.service.clock import utc_now
 from otad.service.upgrades import UpgradeService
 from otad.service.xiaozhi import XiaozhiBoards
@@ -52,8 +52,9 @@ class Services:
 def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
                    xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
                    clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100,
-                   login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW) -> Services:
-    devices = DeviceRegistry(publisher)
+                   login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW,
+                   accounts: DeviceCredentials | None = None) -> Services:
+    devices = DeviceRegistry(publisher, accounts)
     upgrades = UpgradeService(devices, publisher, upgrade_timeout, clock)
     health = StorageHealth()
     reports = Reports(upgrades, timeline_limit)

@@ -9,8 +9,8 @@ from datetime import datetime
 from otad.errors import Conflict, InvalidInput, MissingInput, NotFound
 from otad.service import credentials
 from otad.service.clock import utc_now
-from otad.service.ports import Publisher
-from otad.store import repo
+from otad.service.ports import DeviceCredentials, NoProvisioning, Publisher
+from otad.store import device_passwords, repo
 from otad.service.validation import DEVICE_NAME, check_device_name, parse_int
 from otad.store.records import DeviceRecord
 
@@ -25,8 +25,10 @@ class NewDevice:
 
 
 class DeviceRegistry:
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, accounts: DeviceCredentials | None = None) -> None:
         self._publisher = publisher
+        # Device accounts on an external broker (mosquitto-dynsec); nothing for the embedded one.
+        self._accounts = accounts or NoProvisioning()
         # name -> password hash of devices known to exist, so a connect storm of thousands of
         # devices is not thousands of database round trips. A miss falls through to the database
         # (devices added by ``otad device add`` in another process are found at once); deletion
@@ -124,7 +126,32 @@ class DeviceRegistry:
             await repo.insert_devices((d.name, d.product_id, hashes[d.name]) for d in new)
         except repo.Duplicate as exc:
             raise Conflict(f"参数无效: device already exists: {exc}") from None
+        try:
+            # After the insert: a duplicate must not touch the existing device's broker account.
+            await self._accounts.provision([(device.name, device.password) for device in new])
+        except BaseException:
+            for device in new:  # all or nothing: the devices the broker would refuse are not kept
+                await repo.delete_device(device.name)
+            raise
         self._login_cache.update(hashes)
+        return new
+
+    async def reset_passwords(self, names: list[str] | None) -> list[NewDevice]:
+        """New passwords for the named devices (every device when None), stored hashed and pushed
+        to the broker's accounts first; returns each new password once."""
+        if names is None:
+            devices = await repo.list_devices()
+        else:
+            devices = [await self.get(name) for name in names]
+        new = [NewDevice(device.name, device.product_id, credentials.new_secret()) for device in devices]
+        hashes = {device.name: credentials.hash_secret(device.password) for device in new}
+        # The broker first: if it fails, the stored passwords (which devices use now) are unchanged.
+        await self._accounts.provision([(device.name, device.password) for device in new])
+        await device_passwords.set_password_hashes(hashes)
+        self._deletions += 1  # a login lookup in flight must not cache the old hash
+        for name, hashed in hashes.items():
+            self._login_cache[name] = hashed
+            self._login_changed(name)
         return new
 
     async def get(self, name: str) -> DeviceRecord:
@@ -142,6 +169,8 @@ class DeviceRegistry:
 
     async def delete(self, name: str) -> None:
         name = check_device_name(name)
+        # The broker account first: if it stays, so does the device, and a retry deletes both.
+        await self._accounts.revoke(name)
         deleted = await repo.delete_device(name)
         self._deletions += 1
         self._login_cache.pop(name, None)
@@ -173,4 +202,11 @@ class DeviceRegistry:
             stored = device.password_hash
             if deletions == self._deletions:
                 self._login_cache[username] = stored
+        elif not credentials.secret_matches(password, stored):
+            # A wrong password against the cache: read once more, so a password reset by
+            # `otad device reset-password` in another process is honoured at once.
+            device = await repo.find_device(username)
+            if device is None or device.password_hash == stored:
+                return False
+            stored = self._login_cache[username] = device.password_hash
         return credentials.secret_matches(password, stored)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from otad.errors import OtadError
+
 
 class Publisher(Protocol):
     """Delivers OTA commands to devices. The embedded-broker adapter implements it."""
@@ -20,3 +22,40 @@ class Publisher(Protocol):
 
     async def forget_device(self, device_name: str) -> None:
         """The device was deleted: clear its command and end its sessions, live or persistent."""
+
+
+class ProvisioningFailed(OtadError):
+    """The broker that devices log in to did not take a device's account change (HTTP 502).
+    Nothing changed in otad's registry; the same request may succeed once the broker answers."""
+
+    code = 999
+    status = 502
+    default_message = "失败: the MQTT broker did not provision the device"
+
+
+class DeviceCredentials(Protocol):
+    """Puts device accounts where devices log in when that is not otad itself (an external broker
+    with mqtt.provisioning = mosquitto-dynsec). Raises ProvisioningFailed."""
+
+    async def provision(self, devices: list[tuple[str, str]]) -> None:
+        """Create each (name, password) account, or give an existing one the new password."""
+
+    async def revoke(self, name: str) -> None:
+        """Remove the device's account (and so its sessions); an account already gone is fine."""
+
+    async def close(self) -> None:
+        """Release the connection to the broker, if one is open."""
+
+
+class NoProvisioning:
+    """The embedded broker checks device passwords itself (and mqtt.provisioning = none leaves
+    accounts to the operator): nothing to push anywhere."""
+
+    async def provision(self, devices: list[tuple[str, str]]) -> None:
+        pass
+
+    async def revoke(self, name: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
