@@ -65,6 +65,7 @@ class SeaweedServer:
                                                 "filer.port", "filer.port.grpc", "s3.port.grpc")}
         args = [self.binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
                 "-filer", "-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-s3.iam=false",
+                "-s3.autoCreateBucket=false",  # as on AWS: a write to a missing bucket fails
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0", "-master.volumeSizeLimitMB=64",
                 *(f"-{name}={port}" for name, port in ports.items())]
         log = open(self.root / "weed.log", "wb")

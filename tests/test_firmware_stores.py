@@ -168,3 +168,21 @@ async def test_shared_mount_sweep_keeps_another_nodes_fresh_upload(tmp_path):
         await node_a.restart()
         assert not in_progress.exists()
         assert (shared / stored).exists() and fresh_orphan.exists()
+
+
+async def test_s3_health_probe_writes_and_names_a_missing_bucket(s3_server, bucket):  # noqa: F811
+    from otad.errors import StorageUnavailable
+    from otad.firmware.s3 import S3Store
+
+    store = S3Store(f"s3://{bucket}/fw")
+    try:
+        await store.probe()  # a small object written and removed
+        assert s3_server.keys(bucket) == []
+    finally:
+        await store.aclose()
+    gone = S3Store("s3://no-such-bucket/fw")
+    try:
+        with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
+            await gone.probe()
+    finally:
+        await gone.aclose()
