@@ -21,8 +21,16 @@ function setField(root, field, text) {
   }, root);
 }
 
+// A form sent from this page is already taking the browser to its answer: a reload now would
+// race that redirect and leave the page on its old URL (and notice).
+let leaving = false;
+document.addEventListener("submit", function (event) { if (!event.defaultPrevented) leaving = true; });
+function reloadUnlessLeaving() {
+  if (!leaving) window.location.reload();
+}
+
 function applyMessage(message) {
-  if (message.reload) { window.location.reload(); return; }
+  if (message.reload) { reloadUnlessLeaving(); return; }
   Object.entries(message.upgrades || {}).forEach(function ([version, change]) {
     byData("upgrade", version).forEach(function (row) { setField(row, "state", change.state); });
   });
@@ -82,7 +90,7 @@ function campaignRates() {
   each("[data-campaign-rates]", function (box) {
     box.addEventListener("otad:campaign", function (event) {
       const progress = event.detail;
-      if (progress.state !== box.dataset.campaignRates) { window.location.reload(); return; }
+      if (progress.state !== box.dataset.campaignRates) { reloadUnlessLeaving(); return; }
       const standing = { opened: 0, failed: 0, updated: 0 };
       progress.stages.forEach(function (stage, index) {
         const failed = sumStates(stage.states, FAILED);
@@ -137,6 +145,7 @@ function uploadForms() {
   each("form[data-upload]", function (form) {
     form.addEventListener("submit", function (event) {
       event.preventDefault();
+      leaving = true;  // a reload would cut the upload off
       const bar = form.querySelector("[data-upload-progress]");
       const text = form.querySelector("[data-upload-status]");
       const request = new XMLHttpRequest();
