@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 
 from otad.config import Settings
 from otad.errors import StartupError
@@ -78,6 +79,12 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.close()
+
+
+def login_marker(settings: Settings) -> Path:
+    """A file an admin command touches after changing device passwords (reset-password): the daemon
+    on the same data directory caches password hashes, and drops that cache when the file changes."""
+    return settings.data_dir / "device-logins.changed"
 
 
 def device_accounts(settings: Settings) -> DeviceCredentials:
@@ -149,8 +156,12 @@ async def admin_services(settings: Settings) -> AsyncIterator[Services]:
         # reset-password), over a short connection of their own: no running daemon is needed.
         accounts = device_accounts(settings)
         services = services_for(settings, firmware, NoPublisher(), accounts=accounts)
+        changed: list[str] = []
+        services.devices.on_login_change(changed.append)
         try:
             yield services
         finally:
             services.admins.close()  # its password-hashing threads
             await accounts.close()
+            if changed:
+                login_marker(settings).touch()

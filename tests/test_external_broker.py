@@ -259,3 +259,24 @@ async def test_provisioning_failure_leaves_no_device_behind(tmp_path, mosquitto)
         status, body = await otad.request("POST", "/api/v2/devices", json={"deviceName": "dev1", "productId": 1})
         assert status == 502 and "cannot reach the MQTT broker" in body["errorMsg"]
         assert otad.db_rows("device") == 0
+
+
+async def test_reset_password_holds_at_once_on_a_running_embedded_broker(tmp_path):
+    # Embedded mode: otad checks passwords itself, from a cache the admin command cannot see: the old
+    # password stops within a maintenance round (the marker file), the new one works.
+    async with running_otad(make_settings(tmp_path / "data")) as otad:
+        old = await otad.add_device("dev1", 1)
+        assert await otad.device("dev1", old).connect() == 0
+        reset = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "otad", "device", "reset-password",
+                                                         "dev1", "--data-dir", str(otad.settings.data_dir)],
+                                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert reset.returncode == 0, reset.stderr
+        new = reset.stdout.strip().split("\t")[1]
+        deadline = asyncio.get_running_loop().time() + 15
+        while (await (attempt := otad.device("dev1", old, client_id="dev1-old")).connect()) == 0:
+            await attempt.close()
+            assert asyncio.get_running_loop().time() < deadline, "the old password still works"
+            await asyncio.sleep(0.5)
+        device = otad.device("dev1", new, client_id="dev1-new")
+        assert await device.connect() == 0
+        await device.close()
