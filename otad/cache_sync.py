@@ -85,8 +85,21 @@ class CacheSync:
         services.packages.forget()
         services.campaigns.forget_views()
 
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` (what another node's change or death asks of this one) in a task of ours; its
+        failure is logged."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("acting on another node's change failed")
+
+        task = asyncio.create_task(run(), name="otad-cluster-work")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
-        """Wait for (at most a few seconds) the sessions of deleted devices being ended."""
+        """Wait (at most a few seconds) for what ``spawn`` started."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
         for task in self._tasks:
@@ -100,9 +113,7 @@ class CacheSync:
             if kind == DEVICE_DELETED:
                 services.devices.deleted_elsewhere(key)
                 if self._forget_device is not None:
-                    task = asyncio.create_task(self._forget_device(key), name="otad-forget-device")
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self.spawn(self._forget_device(key))
             elif kind == DEVICE_LOGIN:
                 services.devices.forget_logins(key)
             elif kind == PIN:

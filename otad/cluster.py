@@ -34,14 +34,16 @@ log = logging.getLogger(__name__)
 
 LEADER_KEY = int.from_bytes(b"otadlead", "big")  # one bigint per database; names what holds it
 CHANNEL = "otad_changes"
-APPLICATION_NAME = "otad-node"  # how nodes count each other in pg_stat_activity
+APPLICATION_NAME = "otad-node"  # how nodes find each other in pg_stat_activity: "otad-node NAME"
 RETRY_INTERVAL = 2.0
 PING_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 5.0
 # The server drops a dead peer's session (and its lock) after 4 + 2 * 2 s of silence, or after 8 s
 # of unacknowledged data; the node itself notices within RETRY_INTERVAL + PING_TIMEOUT, earlier.
-SERVER_SETTINGS = {"application_name": APPLICATION_NAME, "tcp_keepalives_idle": "4",
-                   "tcp_keepalives_interval": "2", "tcp_keepalives_count": "2", "tcp_user_timeout": "8000"}
+SERVER_SETTINGS = {"tcp_keepalives_idle": "4", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "2",
+                   "tcp_user_timeout": "8000"}
+_PEERS = ("SELECT application_name FROM pg_stat_activity WHERE application_name LIKE $1 "
+          "AND pid <> pg_backend_pid() AND datname = current_database()")
 # NOTIFY payloads must stay under 8000 bytes: queued messages are sent in batches below that.
 _MAX_PAYLOAD = 7000
 # Messages held while the session is down; past that, one RESET stands for them all.
@@ -87,11 +89,19 @@ class SoleNode:
 class ClusterNode:
     """One node's dedicated session: the leader lock, LISTEN and NOTIFY. ``start`` connects once
     (a StartupError if it cannot), then a task keeps it up; ``stop`` ends the task and the session,
-    which releases the lock for another node."""
+    which releases the lock for another node.
+
+    ``name`` is how the others know this node (its MQTT client id on an external broker). Every
+    node watches which peers have a session; the leader calls ``on_peer_gone(name)`` for a peer it
+    saw whose session has ended (it died), once."""
 
     def __init__(self, url: str, on_message: Handler, on_reconnect: Callable[[], None],
-                 on_leading: Callable[[bool], None] = lambda leading: None) -> None:
+                 on_leading: Callable[[bool], None] = lambda leading: None, name: str = "",
+                 on_peer_gone: Callable[[str], None] = lambda name: None) -> None:
         self._url = url
+        self._name = name
+        self._on_peer_gone = on_peer_gone
+        self._peers: set[str] = set()  # names of the peers seen with a session since this node started
         self._on_message = on_message
         self._on_reconnect = on_reconnect
         self._on_leading = on_leading
@@ -119,10 +129,7 @@ class ClusterNode:
         connection = self._connection
         if connection is None:
             return False
-        others = await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid() "
-            "AND datname = current_database()", APPLICATION_NAME, timeout=PING_TIMEOUT)
-        return others == 0
+        return not await connection.fetch(_PEERS, f"{APPLICATION_NAME}%", timeout=PING_TIMEOUT)
 
     async def start(self) -> None:
         try:
@@ -144,7 +151,8 @@ class ClusterNode:
     async def _connect(self) -> Any:
         import asyncpg  # only nodes on PostgreSQL need it
 
-        connection = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT, server_settings=SERVER_SETTINGS)
+        connection = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT, server_settings={
+            **SERVER_SETTINGS, "application_name": f"{APPLICATION_NAME} {self._name}"[:63]})
         try:
             await connection.add_listener(CHANNEL, self._heard)
         except BaseException:
@@ -181,10 +189,21 @@ class ClusterNode:
                 connection.terminate()
 
     async def _try_lead(self, connection: Any) -> None:
-        if self._leading:
-            await connection.fetchval("SELECT 1", timeout=PING_TIMEOUT)  # the session, and so the lock, is there
-        elif await connection.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_KEY, timeout=PING_TIMEOUT):
+        # Also the ping: an answer means the session, and so the lock, is there.
+        rows = await connection.fetch(_PEERS, f"{APPLICATION_NAME} _%", timeout=PING_TIMEOUT)
+        alive = {row[0].partition(" ")[2] for row in rows}
+        if not self._leading and await connection.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_KEY,
+                                                           timeout=PING_TIMEOUT):
             self._set_leading(True)
+        self._peers |= alive
+        if self._leading:
+            for name in sorted(self._peers - alive - {self._name}):
+                self._peers.discard(name)
+                log.warning("node %s has no database session any more: taken as dead", name)
+                try:
+                    self._on_peer_gone(name)
+                except Exception:
+                    log.exception("handling the death of node %s failed", name)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

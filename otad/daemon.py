@@ -12,15 +12,14 @@ import signal
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 
 from aiohttp import web
 
 from otad import systemd
 from otad.cache_sync import CacheSync
 from otad.cluster import ClusterNode, SoleNode, is_postgres
-from otad.composition import (data_dir_notice, device_accounts, exclusive_data_dir, firmware_store, login_marker,
-                              open_database, prepare_data_dir, services_for)
+from otad.composition import (data_dir_notice, device_accounts, exclusive_data_dir, firmware_store, open_database,
+                              prepare_data_dir, services_for)
 from otad.config import Settings, redact_url
 from otad.errors import StartupError
 from otad import limits
@@ -30,7 +29,7 @@ from otad.limits import raise_open_file_limit
 from otad.metrics import Metrics
 from otad.http.observe import RequestObserver
 from otad.mqtt.access import AccessPolicy
-from otad.mqtt.external import ExternalBroker
+from otad.mqtt.external import ExternalBroker, node_client_id
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services
 from otad.service.clock import utc_now
@@ -46,13 +45,6 @@ _CAMPAIGN_TICK = 0.5
 # What aiohttp's own shutdown waits for handlers after ours has waited shutdown_timeout: closing
 # then must not take another whole timeout.
 _AIOHTTP_SHUTDOWN_GRACE = 0.5
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -82,7 +74,6 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
-        self._logins_seen: float | None = None  # login_marker's mtime when last looked at
         self.node: ClusterNode | SoleNode = SoleNode()  # the leader, or one of several (PostgreSQL)
 
     @property
@@ -135,12 +126,15 @@ class Daemon:
         await firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await self._join_cluster(services)  # before the caches fill: another node's change is heard
-        self._logins_seen = _mtime(login_marker(settings))
         await services.devices.warm_login_cache()
         # Nobody is connected to a broker that is not started; but other nodes' devices are online
         # on them, and an external broker's devices are its own: then the rows are left as they are.
-        await services.devices.reset_presence(
-            every_device=settings.mqtt.mode == "embedded" and await self.node.alone())
+        embedded, alone = settings.mqtt.mode == "embedded", await self.node.alone()
+        if embedded and not alone:
+            log.warning("other otad nodes run on this database, each with its own embedded broker: a command "
+                        "reaches only the devices connected to the node that sends it. Several nodes need "
+                        "mqtt.mode = external (README: Running several nodes)")
+        await services.devices.reset_presence(every_device=embedded and alone)
 
         async def on_report(device_name: str, payload: bytes) -> bytes:
             return (await services.ingest.submit(device_name, payload)).to_json()
@@ -203,7 +197,13 @@ class Daemon:
         # external broker was told once, by the node that deleted it.
         forget = self._broker.forget_device if self.settings.mqtt.mode == "embedded" else None
         sync = CacheSync(services, forget_device=forget)
-        node = ClusterNode(url, sync.heard, sync.forget_everything, self.metrics.leader.set)
+        if isinstance(self._broker, ExternalBroker):
+            # Known to the others by its broker client id: the leader retires a dead node's session.
+            name, broker = node_client_id(self.settings.data_dir), self._broker
+            gone = lambda peer: sync.spawn(broker.retire_session(peer))  # noqa: E731
+        else:
+            name, gone = "embedded", lambda peer: None
+        node = ClusterNode(url, sync.heard, sync.forget_everything, self.metrics.leader.set, name, gone)
         sync.attach(node)
         await node.start()
         self.node = node
@@ -232,7 +232,7 @@ class Daemon:
         presence. Survives errors."""
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
-            jobs = (services.devices.flush_presence, services.health.recheck, self._notice_login_changes)
+            jobs = (services.devices.flush_presence, services.health.recheck)
             for job in (services.upgrades.expire_due, *jobs) if self.node.leading else jobs:
                 try:
                     await job()
@@ -243,18 +243,9 @@ class Daemon:
                     else:
                         log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
 
-    async def _notice_login_changes(self) -> None:
-        """An admin command on this data directory gave devices new passwords: the cached hashes
-        would still let the old ones in, so they go (re-read on the next logins)."""
-        seen = _mtime(login_marker(self.settings))
-        if seen != self._logins_seen and self.services is not None:
-            self._logins_seen = seen
-            self.services.devices.forget_logins()
-            log.info("device passwords changed by an admin command: login cache dropped")
-
     async def _roll_out(self, services: Services) -> None:
         """The campaign engine's heartbeat, on the leader only; a failing step is logged and tried again."""
-        leading = False
+        leading, starting = False, True  # start-up itself restored the pending commands
         while True:
             if not self.node.leading:
                 leading = False
@@ -262,11 +253,25 @@ class Daemon:
                 if not leading:  # just became the leader: what the engine saw when it last led is stale
                     services.campaigns.forget_views()
                     leading = True
+                    if not starting:
+                        await self._restore_after_takeover(services)
                 try:
                     await services.campaigns.tick()
                 except Exception:
                     log.exception("campaign engine step failed")
+            starting = False
             await asyncio.sleep(_CAMPAIGN_TICK)
+
+    async def _restore_after_takeover(self, services: Services) -> None:
+        """A leader that died between recording upgrades and publishing their commands left them
+        unsent: the new leader sends every open upgrade's command again, as a start does (a
+        duplicate at worst, which QoS 1 allows)."""
+        try:
+            restored = await services.upgrades.restore_pending()
+        except Exception:
+            log.exception("restoring the pending OTA commands after taking over failed")
+        else:
+            log.info("took over: restored the pending OTA command of %d device(s)", restored)
 
     async def _stop_http(self) -> None:
         """Stop listening, give in-flight requests (downloads included) ``shutdown_timeout`` in

@@ -227,6 +227,40 @@ class ExternalBroker:
         # Its broker account is removed by the provisioning (mosquitto-dynsec), which also ends its sessions.
         await self.clear_command(device_name)
 
+    async def retire_session(self, client_id: str, quiet: float = 1.0, longest: float = 5.0) -> int:
+        """Another otad node died (otad.cluster saw its database session end): take its broker
+        session over, apply the reports queued for it, then end the session. mosquitto keeps giving
+        an offline persistent member its share of the shared subscription (queued, or dropped at
+        QoS 0), so without this every other report would wait for the dead node's return. Returns
+        how many queued reports were applied. A node that comes back makes a new session.
+
+        Drained until ``quiet`` seconds pass without a report, or ``longest`` in all: the session
+        still gets its live share meanwhile, so under load it is never quiet."""
+        loop = asyncio.get_running_loop()
+        heard = [0, loop.time()]
+        deadline = loop.time() + longest
+
+        def received(message: Message) -> None:
+            heard[0] += 1
+            heard[1] = loop.time()
+            self._received(message)
+
+        connection = await ClientConnection.open(self._address, client_id, clean_session=False, keepalive=KEEPALIVE,
+                                                 on_message=received, timeout=self._timeout)
+        try:
+            while connection.session_present and loop.time() - heard[1] < quiet and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            if self._tasks:  # the reports being applied
+                await asyncio.wait(set(self._tasks), timeout=self._timeout)
+        finally:
+            await connection.close()
+        # A clean session discards the old one, and with it the place in the shared subscription.
+        clean = await ClientConnection.open(self._address, client_id, clean_session=True, keepalive=0,
+                                            on_message=lambda message: message.ack(), timeout=self._timeout)
+        await clean.close()
+        log.info("the broker session %s of a dead node ended; %d report(s) queued for it applied", client_id, heard[0])
+        return heard[0]
+
     async def wait_sent(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every queued command (tests, shutdown)."""
         loop = asyncio.get_running_loop()
