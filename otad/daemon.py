@@ -12,14 +12,15 @@ import signal
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 from aiohttp import web
 
 from otad import systemd
 from otad.cache_sync import CacheSync
 from otad.cluster import ClusterNode, SoleNode, is_postgres
-from otad.composition import (data_dir_notice, device_accounts, exclusive_data_dir, firmware_store, open_database,
-                              prepare_data_dir, services_for)
+from otad.composition import (data_dir_notice, device_accounts, exclusive_data_dir, firmware_store, login_marker,
+                              open_database, prepare_data_dir, services_for)
 from otad.config import Settings, redact_url
 from otad.errors import StartupError
 from otad import limits
@@ -45,6 +46,13 @@ _CAMPAIGN_TICK = 0.5
 # What aiohttp's own shutdown waits for handlers after ours has waited shutdown_timeout: closing
 # then must not take another whole timeout.
 _AIOHTTP_SHUTDOWN_GRACE = 0.5
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -74,6 +82,7 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
+        self._logins_seen: float | None = None  # login_marker's mtime when last looked at
         self.node: ClusterNode | SoleNode = SoleNode()  # the leader, or one of several (PostgreSQL)
 
     @property
@@ -126,6 +135,7 @@ class Daemon:
         await firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
         await self._join_cluster(services)  # before the caches fill: another node's change is heard
+        self._logins_seen = _mtime(login_marker(settings))
         await services.devices.warm_login_cache()
         # Nobody is connected to a broker that is not started; but other nodes' devices are online
         # on them, and an external broker's devices are its own: then the rows are left as they are.
@@ -232,7 +242,7 @@ class Daemon:
         presence. Survives errors."""
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
-            jobs = (services.devices.flush_presence, services.health.recheck)
+            jobs = (services.devices.flush_presence, services.health.recheck, self._notice_login_changes)
             for job in (services.upgrades.expire_due, *jobs) if self.node.leading else jobs:
                 try:
                     await job()
@@ -242,6 +252,15 @@ class Daemon:
                         log.warning("maintenance job %s: %s; retrying next round", job.__qualname__, failure.message)
                     else:
                         log.exception("maintenance job %s failed; retrying next round", job.__qualname__)
+
+    async def _notice_login_changes(self) -> None:
+        """An admin command on this data directory gave devices new passwords: the cached hashes
+        would still let the old ones in, so they go (re-read on the next logins)."""
+        seen = _mtime(login_marker(self.settings))
+        if seen != self._logins_seen and self.services is not None:
+            self._logins_seen = seen
+            self.services.devices.forget_logins()
+            log.info("device passwords changed by an admin command: login cache dropped")
 
     async def _roll_out(self, services: Services) -> None:
         """The campaign engine's heartbeat, on the leader only; a failing step is logged and tried again."""
