@@ -107,6 +107,7 @@ class ClusterNode:
         self._on_leading = on_leading
         self._leading = False
         self._connection: Any = None
+        self._busy = asyncio.Lock()  # one operation at a time on the connection (asyncpg's rule)
         self._outbox: list[list[Any]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -129,14 +130,16 @@ class ClusterNode:
         connection = self._connection
         if connection is None:
             return False
-        return not await connection.fetch(_PEERS, f"{APPLICATION_NAME}%", timeout=PING_TIMEOUT)
+        async with self._busy:
+            return not await connection.fetch(_PEERS, f"{APPLICATION_NAME}%", timeout=PING_TIMEOUT)
 
     async def start(self) -> None:
         try:
             self._connection = await self._connect()
         except Exception as exc:
             raise StartupError(f"cannot open the cluster session on {redact_url(self._url)}: {exc}") from None
-        await self._try_lead(self._connection)
+        async with self._busy:
+            await self._try_lead(self._connection)
         self._task = asyncio.create_task(self._run(), name="otad-cluster")
 
     async def stop(self) -> None:
@@ -145,7 +148,8 @@ class ClusterNode:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         with contextlib.suppress(Exception):
-            await self._flush(self._connection)  # what changed last still reaches the others
+            async with self._busy:
+                await asyncio.wait_for(self._flush(self._connection), PING_TIMEOUT)  # the last changes too
         await self._close()
 
     async def _connect(self) -> Any:
@@ -217,10 +221,11 @@ class ClusterNode:
                 connection = self._connection
                 next_check = loop.time()
                 while not connection.is_closed():
-                    if loop.time() >= next_check:
-                        await self._try_lead(connection)
-                        next_check = loop.time() + RETRY_INTERVAL
-                    await self._flush(connection)
+                    async with self._busy:
+                        if loop.time() >= next_check:
+                            await self._try_lead(connection)
+                            next_check = loop.time() + RETRY_INTERVAL
+                        await self._flush(connection)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), max(0.0, next_check - loop.time()))
                     self._wake.clear()
