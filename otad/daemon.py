@@ -160,7 +160,8 @@ class Daemon:
         http_tls = self.certificates.server_context("HTTPS", http.certfile, http.keyfile) \
             if http.certfile and http.keyfile else None
         if isinstance(self._broker, ExternalBroker):
-            await self._broker.start(on_report)  # presence: the external broker's business
+            # Presence: the external broker's business.
+            await self._broker.start(on_report, on_session_lost=services.upgrades.restore_pending)
         else:
             await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
                                      services.devices.note_presence, mqtt_tls)

@@ -280,3 +280,25 @@ async def test_reset_password_holds_at_once_on_a_running_embedded_broker(tmp_pat
         device = otad.device("dev1", new, client_id="dev1-new")
         assert await device.connect() == 0
         await device.close()
+
+
+async def test_a_broker_that_lost_its_state_gets_the_open_commands_again(tmp_path, mosquitto):
+    async with running_otad(external(tmp_path, mosquitto)) as otad:
+        password = await otad.add_device("dev1", 1)
+        await otad.upload("fw", 1, b"image")
+        version = await _enable(otad, "dev1")
+        broker = otad.daemon._broker
+        assert await broker.wait_sent(5)
+        # A broker that crashed before saving (or lost its disk): no session, no retained command.
+        mosquitto.stop()
+        for saved in (mosquitto.root / "persistence").iterdir():
+            saved.unlink()
+        mosquitto.start()
+        await asyncio.wait_for(broker.connected.wait(), 15)
+        device = await _device(mosquitto, "dev1", password)
+        assert await device.subscribe(COMMAND.format("dev1")) == [1]
+        # Retained, or live if otad republishes after the subscribe: the device gets it either way.
+        assert json.loads((await device.next_message(timeout=10)).payload)["version"] == version
+        await device.close()
+        assert await broker.wait_sent(5)
+        assert json.loads(await _retained_command(mosquitto, "dev1", password))["version"] == version

@@ -26,6 +26,7 @@ import itertools
 import logging
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from otad.config import MqttSettings
@@ -68,6 +69,8 @@ class ExternalBroker:
         self.client_id = ""  # known at start, from the data directory
         self._timeout = settings.connect_timeout
         self._on_report: ReportHandler | None = None
+        self._on_session_lost: Callable[[], Awaitable[object]] | None = None
+        self._sessions = 0  # connections made; the first one's new session is the daemon's to fill
         self._connection: ClientConnection | None = None
         self._runner: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -84,11 +87,15 @@ class ExternalBroker:
     def pending_commands(self) -> int:
         return len(self._commands)
 
-    async def start(self, on_report: ReportHandler) -> None:
+    async def start(self, on_report: ReportHandler,
+                    on_session_lost: Callable[[], Awaitable[object]] | None = None) -> None:
         """Connect once (bounded by mqtt.connect_timeout), then stay connected in the background.
         A broker that refuses otad's account is a StartupError; one that is unreachable is retried
-        with backoff while the rest of otad runs."""
+        with backoff while the rest of otad runs. ``on_session_lost`` runs when a reconnect finds
+        that the broker forgot otad's session (it crashed before saving, or lost its disk): its
+        retained commands may be gone too, so the daemon publishes the open upgrades' again."""
         self._on_report = on_report
+        self._on_session_lost = on_session_lost
         self.client_id = node_client_id(self._data_dir)
         try:
             await self._connect()
@@ -122,6 +129,17 @@ class ExternalBroker:
                  "resumed" if connection.session_present else "new", len(self._commands))
         for topic, (seq, payload) in list(self._commands.items()):
             self._spawn(self._deliver(connection, topic, seq, payload))
+        self._sessions += 1
+        if not connection.session_present and self._sessions > 1 and self._on_session_lost is not None:
+            log.warning("the MQTT broker %s lost otad's session: publishing the open upgrades' commands again",
+                        self._address.describe())
+            self._spawn(self._session_lost(self._on_session_lost))
+
+    async def _session_lost(self, restore: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await restore()
+        except Exception:
+            log.exception("publishing the open upgrades' commands again failed")
 
     async def _stay_connected(self) -> None:
         backoff = _FIRST_BACKOFF
