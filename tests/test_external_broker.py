@@ -50,6 +50,16 @@ async def _enable(otad, name: str) -> str:
     return body["data"][0]["version"]
 
 
+async def _enabled(otad) -> tuple[str, str]:
+    """dev1 registered, a package enabled for it and its command acknowledged by the broker:
+    (dev1's password, the upgrade's version)."""
+    password = await otad.add_device("dev1", 1)
+    await otad.upload("fw", 1, b"image")
+    version = await _enable(otad, "dev1")
+    assert await otad.daemon._broker.wait_sent(5)
+    return password, version
+
+
 async def _retained_command(broker, name: str, password: str) -> bytes | None:
     """What a device that subscribes now gets from the broker's retained store (None: nothing)."""
     device = await _device(broker, name, password, client_id=f"{name}-probe")
@@ -104,10 +114,7 @@ async def test_devices_get_broker_accounts_that_reach_only_their_own_topics(tmp_
 
 async def test_upgrade_through_mosquitto_ends_updated_and_clears_the_retained_command(tmp_path, mosquitto):
     async with running_otad(external(tmp_path, mosquitto)) as otad:
-        password = await otad.add_device("dev1", 1)
-        await otad.upload("fw", 1, b"image")
-        version = await _enable(otad, "dev1")
-        assert await otad.daemon._broker.wait_sent(5)
+        password, version = await _enabled(otad)
 
         # The device subscribes after the enable: the broker's retained copy reaches it.
         device = await _device(mosquitto, "dev1", password)
@@ -153,10 +160,7 @@ async def test_a_command_sent_while_the_broker_is_down_arrives_after_it_returns(
 async def test_a_report_sent_while_otad_is_away_is_applied_after_a_broker_restart(tmp_path, mosquitto):
     settings = external(tmp_path, mosquitto)
     async with running_otad(settings) as otad:
-        password = await otad.add_device("dev1", 1)
-        await otad.upload("fw", 1, b"image")
-        version = await _enable(otad, "dev1")
-        assert await otad.daemon._broker.wait_sent(5)
+        password, version = await _enabled(otad)
         client_id = otad.daemon._broker.client_id
         token = otad.token
 
@@ -176,11 +180,8 @@ async def test_a_report_sent_while_otad_is_away_is_applied_after_a_broker_restar
 
 async def test_a_report_in_flight_across_a_broker_restart_is_not_lost(tmp_path, mosquitto):
     async with running_otad(external(tmp_path, mosquitto)) as otad:
-        password = await otad.add_device("dev1", 1)
-        await otad.upload("fw", 1, b"image")
-        version = await _enable(otad, "dev1")
+        password, version = await _enabled(otad)
         broker = otad.daemon._broker
-        assert await broker.wait_sent(5)
         device = await _device(mosquitto, "dev1", password, client_id="dev1-persistent", clean_session=False)
         await device.publish(REPORT.format("dev1"), json.dumps({"version": version, "status": "updated"}).encode())
         mosquitto.restart()  # right after the report: otad may or may not have had it
@@ -284,11 +285,8 @@ async def test_reset_password_holds_at_once_on_a_running_embedded_broker(tmp_pat
 
 async def test_a_broker_that_lost_its_state_gets_the_open_commands_again(tmp_path, mosquitto):
     async with running_otad(external(tmp_path, mosquitto)) as otad:
-        password = await otad.add_device("dev1", 1)
-        await otad.upload("fw", 1, b"image")
-        version = await _enable(otad, "dev1")
+        password, version = await _enabled(otad)
         broker = otad.daemon._broker
-        assert await broker.wait_sent(5)
         # A broker that crashed before saving (or lost its disk): no session, no retained command.
         mosquitto.stop()
         for saved in (mosquitto.root / "persistence").iterdir():
