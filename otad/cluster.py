@@ -86,6 +86,55 @@ class SoleNode:
         pass
 
 
+async def _send(connection: Any, outbox: list[list[Any]]) -> None:
+    """Send what is queued, in payloads under the limit; what fails stays queued."""
+    while outbox:
+        batch: list[list[Any]] = []
+        size = 0
+        for message in outbox:
+            encoded = len(json.dumps(message, separators=(",", ":")))
+            if batch and size + encoded > _MAX_PAYLOAD:
+                break
+            batch.append(message)
+            size += encoded + 1
+        payload = json.dumps(batch, separators=(",", ":"))
+        await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, payload, timeout=PING_TIMEOUT)
+        del outbox[:len(batch)]
+
+
+class Announcer:
+    """The node of an admin command (``otad device reset-password``...): it leads nothing and
+    hears nothing; what it is told reaches the running nodes when the command ends (``flush``)."""
+
+    leading = False
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._outbox: list[list[Any]] = []
+
+    def notify(self, kind: str, key: Any) -> None:
+        self._outbox.append([kind, key])
+
+    async def alone(self) -> bool:
+        return True
+
+    async def flush(self) -> None:
+        """Tell the running nodes; a database that cannot be reached is logged, not raised (the
+        change itself is committed: the nodes see it at their next read of the entry)."""
+        if not self._outbox:
+            return
+        import asyncpg
+
+        try:
+            connection = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+            try:
+                await _send(connection, self._outbox)
+            finally:
+                await connection.close(timeout=PING_TIMEOUT)
+        except Exception as exc:
+            log.warning("could not tell the running otad nodes of %d change(s): %s", len(self._outbox), exc)
+
+
 class ClusterNode:
     """One node's dedicated session: the leader lock, LISTEN and NOTIFY. ``start`` connects once
     (a StartupError if it cannot), then a task keeps it up; ``stop`` ends the task and the session,
@@ -239,19 +288,8 @@ class ClusterNode:
                 await asyncio.sleep(RETRY_INTERVAL)
 
     async def _flush(self, connection: Any) -> None:
-        """Send what is queued, in payloads under the limit; what fails stays queued."""
-        while self._outbox and connection is not None:
-            batch: list[list[Any]] = []
-            size = 0
-            for message in self._outbox:
-                encoded = len(json.dumps(message, separators=(",", ":")))
-                if batch and size + encoded > _MAX_PAYLOAD:
-                    break
-                batch.append(message)
-                size += encoded + 1
-            payload = json.dumps(batch, separators=(",", ":"))
-            await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, payload, timeout=PING_TIMEOUT)
-            del self._outbox[:len(batch)]
+        if connection is not None:
+            await _send(connection, self._outbox)
 
     def _heard(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         if pid == connection.get_server_pid():

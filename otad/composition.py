@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from otad.cache_sync import CacheSync
+from otad.cluster import Announcer, is_postgres
 from otad.config import Settings
 from otad.errors import StartupError
 from otad.firmware import DirectoryStore, FirmwareStore
@@ -158,6 +160,10 @@ async def admin_services(settings: Settings) -> AsyncIterator[Services]:
         services = services_for(settings, firmware, NoPublisher(), accounts=accounts)
         changed: list[str] = []
         services.devices.on_login_change(changed.append)
+        # On PostgreSQL the running nodes, wherever they are, drop what the command changed.
+        nodes = Announcer(settings.database.url) if is_postgres(settings.database.url) else None
+        if nodes is not None:
+            CacheSync(services).attach(nodes)
         try:
             yield services
         finally:
@@ -165,3 +171,5 @@ async def admin_services(settings: Settings) -> AsyncIterator[Services]:
             await accounts.close()
             if changed:
                 login_marker(settings).touch()
+            if nodes is not None:
+                await nodes.flush()
