@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,7 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port  # noqa: E402
-from bench.http_bench import wait_http  # noqa: E402
 from bench.report_ingest import cpu_seconds  # noqa: E402
 from otad.service.campaigns import stage_of  # noqa: E402
 from otad.store.database import Database  # noqa: E402
@@ -63,6 +63,7 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 TARGET_MS = 200.0
 WARMUPS = 2
 SETTLE = 3.0  # seconds between the daemon's start and the first request
+STARTUP_TIMEOUT = 60.0
 USER, PASSWORD = "bench", "bench-dashboard-pass"
 
 MAIN, CAMERA, METER = 20101, 20102, 20103  # product ids
@@ -331,7 +332,7 @@ class Daemon:
                     "--mqtt-port", str(free_port()), "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=self._log)
         try:
-            wait_http(self.url + "/healthz")
+            self._wait_started(log)
             # Started, it marked every device offline (none is connected): these came back since.
             db = sqlite3.connect(fleet.data_dir / "otad.sqlite3", timeout=10)
             with db:
@@ -344,6 +345,20 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+
+    def _wait_started(self, log: Path) -> None:
+        """Until /healthz answers; a busy machine may take its time, a daemon that exited says why."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"otad serve exited with {self.process.returncode}:\n"
+                                   + log.read_text(errors="replace")[-2000:])
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"otad serve did not answer within {STARTUP_TIMEOUT:.0f} s")
 
     def stop(self) -> None:
         if self.process.poll() is None:
