@@ -270,6 +270,10 @@ class ExternalBroker:
                 await asyncio.sleep(0.1)
             if self._tasks:  # the reports being applied
                 await asyncio.wait(set(self._tasks), timeout=self._timeout)
+            if not connection.is_open:
+                # Taken over meanwhile: the node is back with its session (or the broker went).
+                log.info("the broker session %s was taken back while being drained; left to it", client_id)
+                return heard[0]
         finally:
             await connection.close()
         # A clean session discards the old one, and with it the place in the shared subscription.
