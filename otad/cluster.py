@@ -79,12 +79,6 @@ class SoleNode:
     async def alone(self) -> bool:
         return True
 
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
 
 async def _send(connection: Any, outbox: list[list[Any]]) -> None:
     """Send what is queued, in payloads under the limit; what fails stays queued."""
