@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 _U16 = struct.Struct("!H")
 _MAX_INBOUND = 16 * 1024**2  # a broker's PUBLISH to otad: reports and dynsec answers, never firmware
 _READ_SIZE = 65536
+# Outgoing QoS 1 messages awaiting their PUBACK: a campaign enabling 100,000 devices at once waits
+# here rather than running out of the 65,535 packet ids (or filling the socket's buffer).
+MAX_INFLIGHT = 1000
 
 
 
@@ -121,6 +124,7 @@ class ClientConnection:
         self._ids = itertools.cycle(range(1, 65536))
         self._waiting: dict[int, asyncio.Future] = {}  # packet id -> PUBACK or SUBACK
         self._unacked: deque[Message] = deque()  # inbound QoS 1, in arrival order
+        self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self._connack: asyncio.Future = asyncio.get_running_loop().create_future()
         self._last_heard = asyncio.get_running_loop().time()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -153,6 +157,8 @@ class ClientConnection:
         return not self.closed.done()
 
     def _next_id(self) -> int:
+        if len(self._waiting) >= 65535:  # bounded by MAX_INFLIGHT + the few SUBSCRIBEs: never here
+            raise ConnectionError("no MQTT packet id free")
         for packet_id in self._ids:
             if packet_id not in self._waiting:
                 return packet_id
@@ -169,14 +175,15 @@ class ClientConnection:
         if qos == 0:
             self._send(p.publish(topic, payload, 0, 0, retain=retain))
             return
-        packet_id = self._next_id()
-        future = self._waiting[packet_id] = asyncio.get_running_loop().create_future()
-        try:
-            self._send(p.publish(topic, payload, 1, packet_id, retain=retain))
-            await self._writer.drain()
-            await future
-        finally:
-            self._waiting.pop(packet_id, None)
+        async with self._inflight:
+            packet_id = self._next_id()
+            future = self._waiting[packet_id] = asyncio.get_running_loop().create_future()
+            try:
+                self._send(p.publish(topic, payload, 1, packet_id, retain=retain))
+                await self._writer.drain()
+                await future
+            finally:
+                self._waiting.pop(packet_id, None)
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
         """Subscribe; return the SUBACK's codes (granted QoS each, or 0x80 refused)."""
