@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ _MAX_PAYLOAD = 7000
 # Messages held while the session is down; past that, one RESET stands for them all.
 _MAX_OUTBOX = 10_000
 RESET = "reset"  # the receivers drop every cached entry
+_PEER_MEMORY = 60.0  # seconds a standby remembers a peer that went
 
 Handler = Callable[[str, Any], None]
 
@@ -144,7 +146,9 @@ class ClusterNode:
         self._url = url
         self._name = name
         self._on_peer_gone = on_peer_gone
-        self._peers: set[str] = set()  # names of the peers seen with a session since this node started
+        # Peer name -> when last seen with a session. A standby forgets a peer gone for a while
+        # (the leader dealt with it), and keeps one that went with the leader's death in view.
+        self._peers: dict[str, float] = {}
         self._on_message = on_message
         self._on_reconnect = on_reconnect
         self._on_leading = on_leading
@@ -242,10 +246,13 @@ class ClusterNode:
         if not self._leading and await connection.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_KEY,
                                                            timeout=PING_TIMEOUT):
             self._set_leading(True)
-        self._peers |= alive
-        if self._leading:
-            for name in sorted(self._peers - alive - {self._name}):
-                self._peers.discard(name)
+        now = time.monotonic()
+        self._peers.update(dict.fromkeys(alive - {self._name}, now))
+        if not self._leading:
+            self._peers = {name: seen for name, seen in self._peers.items() if now - seen < _PEER_MEMORY}
+        else:
+            for name in sorted(set(self._peers) - alive):
+                del self._peers[name]
                 log.warning("node %s has no database session any more: taken as dead", name)
                 try:
                     self._on_peer_gone(name)
