@@ -9,12 +9,20 @@ statuses of every device (5N reports, in the order a burst brings them) go throu
 transaction per batch with synchronous=FULL, exactly what follows a PUBLISH before its PUBACK. The
 floor is ``bench/report_ingest.py``'s: bare sqlite3, 5N timeline rows + 5N updates, one transaction.
 bench/report_ingest.py measures the whole path (real daemon, 10,000 MQTT devices).
+
+    .venv/bin/python bench/report_apply.py --postgres             # a throwaway PostgreSQL 15 (tests/postgres.py)
+    .venv/bin/python bench/report_apply.py --database-url postgres://user@host:5432
+
+With PostgreSQL each run gets a fresh database on that server (otad's own writes use asyncpg); the
+floor is then bare asyncpg: the same rows, executemany, one transaction (the server's settings:
+the throwaway one runs with fsync off, so compare its figures with each other, not with SQLite's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -28,12 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report_ingest import storage_floor  # noqa: E402
+from otad.config import redact_url  # noqa: E402
 from otad.service.clock import utc_now  # noqa: E402
 from otad.service.reports import Reports  # noqa: E402
 from otad.service.upgrades import UpgradeService  # noqa: E402
 from otad.store import repo, rollouts  # noqa: E402
 from otad.store.database import Database  # noqa: E402
 from otad.store.rollouts import NewUpgrade  # noqa: E402
+from tests.postgres import fresh_database, running_postgres  # noqa: E402
 
 STATUSES = ("downloading", "downloaded", "verified", "updating", "updated")
 BATCH = 2000
@@ -48,8 +58,36 @@ class NoDevices:
     async def forget_device(self, device_name: str) -> None: ...
 
 
-async def run_one(workdir: Path, n: int) -> dict:
-    database = Database(workdir / "otad.sqlite3")
+async def postgres_floor(url: str, n: int) -> float:
+    """Rows/s of a bare asyncpg write of 5N timeline rows + 5N upgrade updates, committed once."""
+    import asyncpg
+
+    db = await asyncpg.connect(url)
+    try:
+        await db.execute("""CREATE TABLE floor_upgrade (id INT PRIMARY KEY, version TEXT UNIQUE, device_id INT,
+                                campaign_id INT, state TEXT, progress INT, updated_at TIMESTAMPTZ);
+            CREATE INDEX fl_dev ON floor_upgrade (device_id, state); CREATE INDEX fl_camp ON floor_upgrade (campaign_id, state);
+            CREATE TABLE floor_event (id SERIAL PRIMARY KEY, upgrade_id INT, at TIMESTAMPTZ, state TEXT, source TEXT,
+                                      detail TEXT);
+            CREATE INDEX fl_ev ON floor_event (upgrade_id, id);""")
+        await db.executemany("INSERT INTO floor_upgrade VALUES ($1, $2, $3, 1, 'notified', NULL, NULL)",
+                             [(i, f"{i:036d}", i) for i in range(1, n + 1)])
+        now = utc_now()
+        events = [(i, now, s, "device", None) for i in range(1, n + 1) for s in STATUSES]
+        updates = [(s, 100, now, i) for i in range(1, n + 1) for s in STATUSES]
+        started = time.perf_counter()
+        async with db.transaction():
+            await db.executemany("INSERT INTO floor_event (upgrade_id, at, state, source, detail) "
+                                 "VALUES ($1, $2, $3, $4, $5)", events)
+            await db.executemany("UPDATE floor_upgrade SET state = $1, progress = $2, updated_at = $3 WHERE id = $4",
+                                 updates)
+        return 5 * n / (time.perf_counter() - started)
+    finally:
+        await db.close()
+
+
+async def run_one(workdir: Path, n: int, url: str = "") -> dict:
+    database = Database(workdir / "otad.sqlite3", url)
     await database.open()
     try:
         await repo.insert_devices((f"d{i}", 1, "x" * 64) for i in range(n))
@@ -75,7 +113,7 @@ async def run_one(workdir: Path, n: int) -> dict:
         assert states == {"updated"}, states
     finally:
         await database.close()
-    floor = storage_floor(workdir, n)
+    floor = await postgres_floor(url, n) if url else storage_floor(workdir, n)
     return {"reports_per_s": len(items) / elapsed, "floor_rows_per_s": floor,
             "ratio_otad_floor": len(items) / elapsed / floor}
 
@@ -84,13 +122,23 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--database-url", default="", help="a PostgreSQL server's base URL: a fresh database each run")
+    parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 for the runs")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(running_postgres()) if args.postgres else args.database_url
+        await runs(args, base)
+
+
+async def runs(args, base: str) -> None:
     print(f"nproc {os.cpu_count()}; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"{args.devices} devices x {len(STATUSES)} statuses, batches of {BATCH}")
+          f"{args.devices} devices x {len(STATUSES)} statuses, batches of {BATCH}; "
+          f"{'PostgreSQL ' + redact_url(base) if base else 'SQLite'}")
     results = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="otad-apply-") as workdir:
-            result = await run_one(Path(workdir), args.devices)
+            url = await asyncio.to_thread(fresh_database, base) if base else ""
+            result = await run_one(Path(workdir), args.devices, url)
         results.append(result)
         print(f"run {run + 1}: " + ", ".join(f"{key}={value:.2f}" for key, value in result.items()))
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -22,7 +22,7 @@ from otad.service.roles import ADMIN, ROLES
 # Flags every command takes (admin commands open the same database as serve).
 # The mqtt keys: with mqtt.provisioning = mosquitto-dynsec, device add and reset-password push the
 # device's account to the broker themselves.
-_COMMON_KEYS = ("data_dir", "log_level", "mqtt.mode", "mqtt.external_url", "mqtt.provisioning")
+_COMMON_KEYS = ("data_dir", "log_level", "database.url", "mqtt.mode", "mqtt.external_url", "mqtt.provisioning")
 role_option = click.option("--role", type=click.Choice(ROLES), default=ADMIN, show_default=True,
                            help="admin changes things; viewer sees everything and changes nothing")
 
@@ -155,7 +155,7 @@ def _admin_settings(config_file: Path | None, params: dict[str, Any]) -> Setting
     opens (stdout stays for what scripts read)."""
     settings = _load(config_file, params)
     notice = data_dir_notice(settings)
-    if not settings.database_path.exists():
+    if not settings.database.url and not settings.database_path.exists():
         notice += " (pass --data-dir or --config, or set OTAD_DATA_DIR, to use the daemon's)"
     click.echo(f"otad: {notice}", err=True)
     return settings

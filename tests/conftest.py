@@ -1,10 +1,14 @@
 """Fixtures that start the real daemon: real SQLite in tmp_path, the real embedded broker and the
-real HTTP server on free 127.0.0.1 ports, driven over sockets by aiohttp and paho-mqtt clients."""
+real HTTP server on free 127.0.0.1 ports, driven over sockets by aiohttp and paho-mqtt clients.
+
+With OTAD_TEST_DATABASE_URL set to a PostgreSQL server's base URL (``.ci/run`` does, for a second
+run of the whole suite), every data directory gets its own fresh database there instead of SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sqlite3
 from dataclasses import dataclass, replace
@@ -24,11 +28,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# data dir -> its PostgreSQL database under OTAD_TEST_DATABASE_URL: a test that builds the settings
+# of one data dir twice (to restart a daemon on it) finds the same database.
+_databases: dict[Path, str] = {}
+# The test's own database, also in OTAD_DATABASE_URL for the otad subprocesses it runs: the first
+# data dir the test makes settings for gets it, so a daemon started in-process and a command run
+# on the same data dir share one database.
+_unclaimed: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _postgres_per_test(monkeypatch):
+    base = os.environ.get("OTAD_TEST_DATABASE_URL")
+    if base:
+        from tests.postgres import fresh_database  # it imports this module
+        url = fresh_database(base)
+        monkeypatch.setenv("OTAD_DATABASE_URL", url)
+        _unclaimed[:] = [url]
+    yield
+    _unclaimed.clear()
+
+
+def database_url_for(data_dir: Path) -> str:
+    """The database URL for ``data_dir``: empty (SQLite in it), or its own PostgreSQL database."""
+    base = os.environ.get("OTAD_TEST_DATABASE_URL")
+    if not base:
+        return ""
+    key = Path(data_dir).absolute()
+    if key not in _databases:
+        from tests.postgres import fresh_database
+        _databases[key] = _unclaimed.pop() if _unclaimed else fresh_database(base)
+    return _databases[key]
+
+
+def sqlite_only(reason: str):
+    """Mark a test that checks SQLite itself (its file, its notices): skipped in the PostgreSQL run."""
+    return pytest.mark.skipif(bool(os.environ.get("OTAD_TEST_DATABASE_URL")), reason=f"SQLite only: {reason}")
+
+
 def make_settings(data_dir: Path, **flags) -> Settings:
     base = {"data_dir": str(data_dir), "http.host": "127.0.0.1", "http.port": free_port(),
-            "mqtt.host": "127.0.0.1", "mqtt.port": free_port(), "log_level": "debug"}
+            "mqtt.host": "127.0.0.1", "mqtt.port": free_port(), "log_level": "debug",
+            "database.url": database_url_for(data_dir)}
     base.update(flags)
     return load_settings({}, {}, base)
+
+
+def db_query(settings: Settings, query: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement straight on the daemon's database, bypassing the daemon: its SQLite file,
+    or its PostgreSQL database (``?`` placeholders either way); the rows it returns."""
+    if settings.database.url:
+        from tests.postgres import fetch
+        return fetch(settings.database.url, query, *params)
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as conn, conn:
+        return conn.execute(query, params).fetchall()
 
 
 @dataclass
@@ -79,9 +132,8 @@ class Otad:
         return MqttDevice(self.mqtt_port, name, password, client_id=client_id)
 
     def db_rows(self, table: str) -> int:
-        """Count rows straight from the SQLite file, bypassing the daemon."""
-        with sqlite3.connect(f"file:{self.settings.database_path}?mode=ro", uri=True) as conn:
-            return conn.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+        """Count rows straight from the database, bypassing the daemon."""
+        return db_query(self.settings, f'SELECT COUNT(*) FROM "{table}"')[0][0]
 
     def firmware_files(self) -> list[str]:
         return sorted(p.name for p in self.settings.firmware_dir.rglob("*") if p.is_file())

@@ -19,6 +19,7 @@ import glob
 import itertools
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -148,34 +149,38 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-async def _execute(url: str, statement: str) -> None:
+async def _fetch(url: str, statement: str, args: tuple) -> list[tuple]:
     import asyncpg  # the test extra installs it
 
     connection = await asyncpg.connect(url, timeout=10)
     try:
-        await connection.execute(statement, timeout=30)
+        return [tuple(row) for row in await connection.fetch(statement, *args, timeout=30)]
     finally:
         await connection.close(timeout=10)
 
 
-def execute(url: str, statement: str) -> None:
-    """Run one statement on ``url``, from sync code that may itself be inside a running event loop
-    (make_settings is called from async tests): in a thread with its own loop."""
-    errors: list[BaseException] = []
+def fetch(url: str, statement: str, *args) -> list[tuple]:
+    """Run one statement on ``url`` and return its rows, from sync code that may itself be inside a
+    running event loop (make_settings is called from async tests): in a thread with its own loop.
+    ``?`` placeholders, as for SQLite (none of the tests' statements has one in a literal)."""
+    numbers = itertools.count(1)
+    statement = re.sub(r"\?", lambda _: f"${next(numbers)}", statement)
+    result: list = []
 
     def target() -> None:
         try:
-            asyncio.run(_execute(url, statement))
+            result.append(asyncio.run(_fetch(url, statement, args)))
         except BaseException as exc:  # re-raised in the caller's thread
-            errors.append(exc)
+            result.append(exc)
 
-    thread = threading.Thread(target=target, name="postgres-execute")
+    thread = threading.Thread(target=target, name="postgres-fetch")
     thread.start()
     thread.join(60)
     if thread.is_alive():
         raise TimeoutError(f"{statement!r} on {url} did not finish in 60 s")
-    if errors:
-        raise errors[0]
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def fresh_database(base_url: str) -> str:
@@ -183,7 +188,7 @@ def fresh_database(base_url: str) -> str:
     process too, so runs sharing one server (OTAD_TEST_DATABASE_URL) never collide."""
     base_url = base_url.rstrip("/")
     name = f"otad_test_{os.getpid()}_{next(_numbers)}"
-    execute(base_url + "/postgres", f'CREATE DATABASE "{name}"')
+    fetch(base_url + "/postgres", f'CREATE DATABASE "{name}"')
     return f"{base_url}/{name}"
 
 

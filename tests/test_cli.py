@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from otad.config import KEYS
-from tests.conftest import free_port
+from tests.conftest import free_port, sqlite_only
 from tests.helpers import serve as _serve, wait_for_port as _wait_for_port
 from tests.mqtt_device import MqttDevice
 
@@ -52,6 +52,7 @@ async def _slow_upload(http: aiohttp.ClientSession, http_port: int, token: str, 
                            headers={"Authorization": token, "Content-Type": "multipart/form-data; boundary=B"})
 
 
+@sqlite_only("checks the notice about creating the SQLite file")
 async def test_serve_runs_admin_commands_alongside_and_stops_on_sigterm(tmp_path):
     http_port, mqtt_port = free_port(), free_port()
     process = _serve(tmp_path, http_port, mqtt_port)
@@ -137,6 +138,7 @@ def test_device_add_prints_password_last_and_user_add_takes_password(tmp_path):
     assert otad_cli(tmp_path, "user", "add", "admin", "--password", "pw-123").returncode == 0
 
 
+@sqlite_only("checks the SQLite file the command created")
 def test_env_configures_admin_commands_too(tmp_path):
     env = {**os.environ, "OTAD_DATA_DIR": str(tmp_path / "from-env")}
     result = subprocess.run([sys.executable, "-m", "otad", "token", "create", "e"], capture_output=True, text=True,
@@ -198,6 +200,7 @@ async def test_a_second_daemon_on_the_same_data_dir_refuses_and_harms_nothing(tm
         await asyncio.to_thread(first.communicate, timeout=30)
 
 
+@sqlite_only("checks the notice about creating the SQLite file")
 def test_admin_commands_name_their_data_dir_on_stderr_and_say_when_they_create_a_database(tmp_path):
     created = otad_cli(tmp_path, "token", "create", "ci")
     assert created.returncode == 0, created.stderr
@@ -209,6 +212,7 @@ def test_admin_commands_name_their_data_dir_on_stderr_and_say_when_they_create_a
     assert listed.stdout.startswith("ci\t")
 
 
+@sqlite_only("checks the notice about creating the SQLite file")
 def test_an_admin_command_without_data_dir_says_it_creates_a_database_in_the_default_place(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("OTAD_DATA_DIR", "STATE_DIRECTORY")}
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg")

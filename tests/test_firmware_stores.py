@@ -18,7 +18,7 @@ import pytest
 
 from otad.composition import node_name
 from otad.errors import StartupError
-from tests.conftest import make_settings, running_otad, start_otad
+from tests.conftest import make_settings, running_otad, sqlite_only, start_otad
 from tests.s3 import s3_server  # noqa: F401  (the fixture)
 
 MIB = 1024 * 1024
@@ -46,6 +46,7 @@ async def _get(otad, file_name: str, headers=None):
         return response.status, response.headers.copy(), await response.read()
 
 
+@sqlite_only("copies the first node's SQLite file for the second")
 async def test_s3_upload_range_etag_across_two_nodes_and_delete(tmp_path, s3_server, bucket):  # noqa: F811
     url = f"s3://{bucket}/otad/firmware"
     data = os.urandom(20 * MIB + 12345)  # three parts of a multipart upload

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import re
-import sqlite3
 
+from tests.conftest import db_query
 
 FIRMWARE = os.urandom(300_000)
 
@@ -141,6 +141,5 @@ async def test_concurrent_enables_leave_exactly_one_open_upgrade(otad):
     await otad.upload("fw", 1, b"firmware")
     results = await asyncio.gather(*(otad.enable("fw", "dev1") for _ in range(20)))
     assert all(status == 200 for status, _ in results)
-    with sqlite3.connect(f"file:{otad.settings.database_path}?mode=ro", uri=True) as conn:
-        states = dict(conn.execute("SELECT state, COUNT(*) FROM upgrade GROUP BY state").fetchall())
+    states = dict(db_query(otad.settings, "SELECT state, COUNT(*) FROM upgrade GROUP BY state"))
     assert states == {"notified": 1, "superseded": 19}

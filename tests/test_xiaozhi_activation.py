@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sqlite3
 import uuid
 
 import pytest
 
 from otad.service import xiaozhi
-from tests.conftest import make_settings, start_otad
+from tests.conftest import db_query, make_settings, start_otad
 from tests.helpers import assert_error
 from tests.test_cli import otad_cli
 from tests.test_xiaozhi import FIRMWARE, MAC, activate_board, board_body, board_headers, check, client_of
@@ -207,8 +206,7 @@ async def test_an_expired_claim_is_forgotten_and_the_board_gets_a_new_code(enrol
     _, reply = await check(enrolling)
     old = reply["activation"]["code"]
     # Time passes (the claim's expiry moved into the past rather than waiting ten minutes).
-    with sqlite3.connect(enrolling.settings.database_path) as conn:
-        conn.execute("""UPDATE xiaozhi_activation SET expires_at = '2000-01-01 00:00:00+00:00'""")
+    db_query(enrolling.settings, "UPDATE xiaozhi_activation SET expires_at = '2000-01-01 00:00:00+00:00'")
     assert await pending(enrolling) == []
     assert (await board_activate(enrolling))[0] == 404
     status, _ = await enrolling.request("POST", "/api/v2/xiaozhi/activate", json={"code": old})

@@ -141,7 +141,8 @@ async def accept(code: str, *, now: datetime, password_hash: str) -> Accepted | 
     device, bound to the claim's Client-Id; every other claim to that name is dropped. None if no
     live claim has that code."""
     async with in_transaction():
-        row = await XiaozhiActivation.get_or_none(code=code, expires_at__gte=now)
+        # Locked (PostgreSQL): of two accepts of one code, the second waits and then finds none.
+        row = await XiaozhiActivation.filter(code=code, expires_at__gte=now).select_for_update().first()
         if row is None:
             return None
         device = await Device.get_or_none(name=row.device_name)

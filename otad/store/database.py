@@ -1,119 +1,95 @@
-"""Opening and closing the SQLite database, creating or migrating its schema."""
+"""Opening and closing the database (SQLite in the data dir, or PostgreSQL at ``database.url``), and
+bringing its schema up to date with tortoise's migrations (``otad/store/migrations``) at start.
+
+After a model change: ``tortoise -c otad.store.database.TORTOISE_ORM makemigrations`` writes the
+next migration; every otad applies it when it opens the database.
+"""
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext
-from tortoise.transactions import in_transaction
+from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 
+from otad.store import legacy_schema
+from otad.store.dialect import is_postgres
 from otad.store.models import SchemaVersion
 
-log = logging.getLogger(__name__)
+APP = "models"
+INITIAL_MIGRATION = "0001_initial"  # the schema of legacy version 4
+# Nodes starting together on one PostgreSQL database migrate one at a time (a session advisory lock).
+_MIGRATION_LOCK = 0x07AD_0001
 
-# Bump when the models change, and add the step to _MIGRATIONS.
-SCHEMA_VERSION = 4
-# version -> SQL statements that bring a database of version-1 up to version.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    # Timeline entries fold repeated reports (count, last_at) and say whether they changed the
-    # state; indexes for the per-upgrade timeline, a device's open upgrade and a campaign's states.
-    2: (
-        'ALTER TABLE "upgrade_event" ADD "changed" INT NOT NULL DEFAULT 1',
-        'ALTER TABLE "upgrade_event" ADD "count" INT NOT NULL DEFAULT 1',
-        'ALTER TABLE "upgrade_event" ADD "last_at" TIMESTAMP',
-        'CREATE INDEX IF NOT EXISTS "idx_upgrade_eve_upgrade_50b992" ON "upgrade_event" ("upgrade_id", "id")',
-        'CREATE INDEX IF NOT EXISTS "idx_upgrade_device__d530d0" ON "upgrade" ("device_id", "state")',
-        'CREATE INDEX IF NOT EXISTS "idx_upgrade_campaig_31bb25" ON "upgrade" ("campaign_id", "state")',
-        # Entries before this version did not say: the first of each state is taken as its change,
-        # later ones (late or repeated reports) as notes, which the timeline cap applies to.
-        'UPDATE "upgrade_event" SET "changed" = 0 WHERE "id" NOT IN '
-        '(SELECT MIN("id") FROM "upgrade_event" GROUP BY "upgrade_id", "state")',
-    ),
-    # xiaozhi boards activate before they become devices: pending claims (capped, expiring) and
-    # accepted ones (bound to one Client-Id). As generate_schemas creates them on a fresh database.
-    3: (
-        """CREATE TABLE IF NOT EXISTS "xiaozhi_activation" (
-    "id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
-    "device_name" VARCHAR(64) NOT NULL,
-    "client_id" VARCHAR(64) NOT NULL,
-    "code" VARCHAR(16) UNIQUE,
-    "challenge" VARCHAR(64) NOT NULL,
-    "product_id" BIGINT NOT NULL,
-    "serial_number" VARCHAR(64),
-    "remote_addr" VARCHAR(64),
-    "app_version" VARCHAR(64),
-    "board_type" VARCHAR(128),
-    "created_at" TIMESTAMP NOT NULL,
-    "seen_at" TIMESTAMP NOT NULL,
-    "expires_at" TIMESTAMP,
-    "accepted_at" TIMESTAMP,
-    "device_id" INT REFERENCES "device" ("id") ON DELETE CASCADE,
-    CONSTRAINT "uid_xiaozhi_act_device__266a46" UNIQUE ("device_name", "client_id")
-)""",
-        'CREATE INDEX IF NOT EXISTS "idx_xiaozhi_act_expires_14ad51" ON "xiaozhi_activation" ("expires_at")',
-        # Boards registered before activation existed keep working: each is accepted, bound to the
-        # first Client-Id it checks in with (an empty client_id; see activations.find_board).
-        'INSERT INTO "xiaozhi_activation" ("device_name", "client_id", "code", "challenge", "product_id", '
-        '"device_id", "created_at", "seen_at", "expires_at", "accepted_at") '
-        'SELECT "name", \'\', NULL, \'\', "product_id", "id", "last_check_at", "last_check_at", NULL, "last_check_at" '
-        'FROM "device" WHERE "last_check_at" IS NOT NULL',
-    ),
-    # Roles: every account and token made before them could change everything, and still can.
-    4: (
-        'ALTER TABLE "user" ADD "role" VARCHAR(16) NOT NULL DEFAULT \'admin\'',
-        'ALTER TABLE "api_token" ADD "role" VARCHAR(16) NOT NULL DEFAULT \'admin\'',
-    ),
-}
+
+def _apps(connection_name: str) -> dict:
+    return {APP: {"models": ["otad.store.models"], "default_connection": connection_name,
+                  "migrations": "otad.store.migrations"}}
+
+
+def tortoise_config(connection: dict | str, name: str = "sqlite") -> dict:
+    # Named after the engine: tortoise caches each model's statements per connection name for the
+    # whole process, so a process that opens SQLite and then PostgreSQL (the tests) must not
+    # reuse a name, or the second gets the first one's dialect.
+    return {"connections": {name: connection}, "apps": _apps(name)}
+
+
+# For tortoise's CLI (makemigrations, sqlmigrate): the models, on a scratch database.
+TORTOISE_ORM = tortoise_config("sqlite://:memory:")
 
 
 class Database:
-    """Owns one Tortoise context bound to one SQLite file.
+    """Owns one Tortoise context bound to one SQLite file, or to the PostgreSQL database at ``url``.
 
     Tortoise 1.x keeps its state per async context; entering ours in the task that starts the daemon
     makes every task created from it (HTTP handlers, broker callbacks) see the same connections.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str = "") -> None:
         self.path = path
+        self.url = url
         self._context: TortoiseContext | None = None
 
     async def open(self) -> None:
         self._context = TortoiseContext()
         self._context.__enter__()
-        await self._context.init(config={
-            "connections": {"default": {
-                "engine": "tortoise.backends.sqlite",
-                # WAL lets the CLI's admin commands write while the daemon runs; busy_timeout makes
-                # a writer wait for the other's lock instead of failing at once. synchronous=FULL
-                # fsyncs the WAL at every commit: a PUBACK or a 200 promises the write survives a
-                # power cut, not just a crash (commits are batched where it matters: reports).
-                "credentials": {"file_path": str(self.path), "journal_mode": "WAL", "busy_timeout": 5000,
-                                "synchronous": "FULL"},
-            }},
-            "apps": {"models": {"models": ["otad.store.models"], "default_connection": "default"}},
-        })
-        await self._context.generate_schemas(safe=True)
-        await self._migrate()
+        name = "postgres" if self.url else "sqlite"
+        await self._context.init(config=tortoise_config(self._connection(), name))
+        connection = self._context.connections.get(name)
+        async with _one_at_a_time(connection):
+            await self._migrate(connection)
 
-    async def _migrate(self) -> None:
-        row = await SchemaVersion.first()
-        current = row.version if row else SCHEMA_VERSION  # a fresh database was just created current
-        if current > SCHEMA_VERSION:
-            raise RuntimeError(f"database {self.path} has schema version {current}, newer than this otad "
-                               f"understands ({SCHEMA_VERSION}); upgrade otad")
-        if row is None:
-            await SchemaVersion.create(id=1, version=SCHEMA_VERSION)
-            return
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            log.info("migrating database schema to version %d", version)
-            # One transaction per version, its number included: a crash or a full disk halfway
-            # leaves the database at the version before, to be migrated again (SQLite's DDL is
-            # transactional).
-            async with in_transaction("default") as conn:
-                for statement in _MIGRATIONS[version]:
-                    await conn.execute_query(statement)
-                await conn.execute_query('UPDATE "schema_version" SET "version" = ? WHERE "id" = 1', [version])
+    def _connection(self) -> dict:
+        if self.url:
+            # asyncpg; the URL's query may set the pool (?minsize=&maxsize=) and ssl.
+            return expand_db_url(self.url)
+        return {
+            "engine": "tortoise.backends.sqlite",
+            # WAL lets the CLI's admin commands write while the daemon runs; busy_timeout makes
+            # a writer wait for the other's lock instead of failing at once. synchronous=FULL
+            # fsyncs the WAL at every commit: a PUBACK or a 200 promises the write survives a
+            # power cut, not just a crash (commits are batched where it matters: reports).
+            "credentials": {"file_path": str(self.path), "journal_mode": "WAL", "busy_timeout": 5000,
+                            "synchronous": "FULL"},
+        }
+
+    async def _migrate(self, connection: BaseDBAsyncClient) -> None:
+        executor = MigrationExecutor(connection, _apps(connection.connection_name))
+        if await _legacy_sqlite(connection):
+            # Made by an otad before tortoise's migrations: its own steps bring it to version 4
+            # (tables it never had first, as it always did), which is what the initial migration
+            # creates, so that one is only recorded as applied.
+            await self._context.generate_schemas(safe=True)
+            await legacy_schema.migrate_to_last(self.path)
+            await executor.migrate([MigrationTarget(app_label=APP, name=INITIAL_MIGRATION)], fake=True)
+        await executor.migrate()
+        if not await SchemaVersion.exists():
+            # Kept for the health probe's write and for an older otad opening this database.
+            await SchemaVersion.create(id=1, version=legacy_schema.SCHEMA_VERSION)
 
     async def close(self) -> None:
         if self._context is None:
@@ -124,3 +100,36 @@ class Database:
             context.__exit__(None, None, None)
         except ValueError:
             pass  # closed from another task than the one that opened it: nothing to restore there
+
+
+async def _legacy_sqlite(connection: BaseDBAsyncClient) -> bool:
+    """A SQLite database with otad's old ``schema_version`` table below version 4, or at 4 with no
+    record of the initial tortoise migration (also one whose legacy steps were interrupted: they
+    run again)."""
+    if is_postgres(connection):
+        return False  # PostgreSQL came with tortoise's migrations: no database predates them
+    tables = {row["name"] for row in await connection.execute_query_dict(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('schema_version', 'tortoise_migrations')")}
+    if "schema_version" not in tables:
+        return False
+    version = await connection.execute_query_dict('SELECT "version" FROM "schema_version" WHERE "id" = 1')
+    if not version or version[0]["version"] != legacy_schema.SCHEMA_VERSION or "tortoise_migrations" not in tables:
+        return True
+    rows = await connection.execute_query_dict(
+        'SELECT 1 FROM "tortoise_migrations" WHERE "app" = ? AND "name" = ?', [APP, INITIAL_MIGRATION])
+    return not rows
+
+
+@contextlib.asynccontextmanager
+async def _one_at_a_time(connection: BaseDBAsyncClient) -> AsyncIterator[None]:
+    """PostgreSQL: hold the migration lock on one pooled connection for the block. SQLite: its
+    write lock already serialises two otads on one file (the daemon and an admin command)."""
+    if not is_postgres(connection):
+        yield
+        return
+    async with connection.acquire_connection() as raw:
+        await raw.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            yield
+        finally:
+            await raw.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
+import asyncpg
 from tortoise.exceptions import OperationalError, TransactionManagementError
 
 from otad.errors import StorageFull, StorageUnavailable
@@ -20,12 +21,22 @@ T = TypeVar("T")
 
 _FULL = ("database or disk is full", "no space left")
 _PASSING = ("database is locked", "database is busy", "disk i/o error", "unable to open database file")
+# PostgreSQL: the server is unreachable, restarting or out of connections; a transaction lost a
+# serialization or deadlock race. Each passes; the next attempt may succeed.
+_PG_PASSING = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+               asyncpg.TooManyConnectionsError, asyncpg.TransactionRollbackError, asyncpg.AdminShutdownError,
+               ConnectionError)
 
 
 def storage_failure(exc: BaseException) -> StorageUnavailable | None:
     """The passing storage failure ``exc`` stands for, or None if it is something else."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull("database: no space left on the device")
+    raised = (exc, exc.__cause__)  # tortoise wraps some of asyncpg's errors in its own
+    if any(isinstance(error, asyncpg.DiskFullError) for error in raised):
+        return StorageFull("database: no space left on the database server")
+    if any(isinstance(error, _PG_PASSING) for error in raised):
+        return StorageUnavailable(f"database: {exc}")
     if isinstance(exc, (OperationalError, TransactionManagementError, sqlite3.OperationalError, OSError)):
         text = str(exc).lower()
         if any(marker in text for marker in _FULL):

@@ -20,7 +20,7 @@ class SchemaVersion(Model):
 
 
 class ApiToken(Model):
-    """An admin API token, stored as the sha256 of the secret. Login tokens expire; CLI tokens do not."""
+    """An admin API token, stored as the sha256 of the secret. Login tokens expire, CLI tokens do not."""
 
     id = fields.IntField(primary_key=True)
     name = fields.CharField(max_length=128, unique=True)

@@ -14,6 +14,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
+from otad.store.dialect import sql
 from otad.store.failures import translate_storage_errors
 from otad.store.models import SchemaVersion, ApiToken, Campaign, Device, Package, PassivePin, User, XiaozhiPin
 from otad.store.records import (DeviceRecord, Inventory, PackageRecord, PassivePinRecord, TokenRecord, UserRecord,
@@ -230,6 +231,7 @@ async def save_passive_pin(device_id: int, package_id: int, version_name: str,
                            description: str | None) -> PassivePinRecord:
     """Create or replace the device's pin."""
     async with in_transaction():
+        await Device.filter(id=device_id).select_for_update().only("id")  # two saves take turns (PostgreSQL)
         await PassivePin.filter(device_id=device_id).delete()
         row = await PassivePin.create(device_id=device_id, package_id=package_id, version_name=version_name,
                                       description=description)
@@ -290,7 +292,7 @@ async def save_presence(presence: dict[str, tuple[bool, datetime]]) -> None:
     all (a fleet reconnecting is 10,000 rows; one round trip each held the database from the
     report batches for seconds)."""
     async with in_transaction() as conn:
-        await conn.execute_many('UPDATE "device" SET "online" = ?, "last_seen" = ? WHERE "name" = ?',
+        await conn.execute_many(sql(conn, 'UPDATE "device" SET "online" = ?, "last_seen" = ? WHERE "name" = ?'),
                                 [[online, last_seen, name] for name, (online, last_seen) in presence.items()])
 
 

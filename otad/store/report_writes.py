@@ -11,10 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from tortoise import connections
 from tortoise.transactions import in_transaction
 
+from otad.store.dialect import is_postgres, sql
 from otad.store.failures import translate_storage_errors
+from otad.store.models import Upgrade
 
 # Rows per statement: SQLite allows 32,766 bound values per statement; 7 per row stays far below.
 _ROWS_PER_STATEMENT = 500
@@ -90,16 +91,16 @@ async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget
     and how many entries it keeps that changed nothing: one query per chunk of the batch."""
     wanted = list(set(versions))
     targets: dict[str, ReportTarget] = {}
-    conn = connections.get("default")
+    conn = Upgrade._meta.db  # the store's one connection, SQLite or PostgreSQL
     for chunk in _chunks(wanted):
-        rows = await conn.execute_query_dict(
-            'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
+        rows = await conn.execute_query_dict(sql(
+            conn, 'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
             'u."campaign_id", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
-            '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND n."changed" = 0) AS notes '
+            '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND NOT n."changed") AS notes '
             'FROM "upgrade" u JOIN "device" d ON d."id" = u."device_id" '
             'LEFT JOIN "upgrade_event" e ON e."id" = '
             '(SELECT MAX(m."id") FROM "upgrade_event" m WHERE m."upgrade_id" = u."id") '
-            f'WHERE u."version" IN ({", ".join("?" for _ in chunk)})', list(chunk))
+            f'WHERE u."version" IN ({", ".join("?" for _ in chunk)})'), list(chunk))
         for row in rows:
             targets[row["version"]] = ReportTarget(
                 id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device_name"],
@@ -123,39 +124,62 @@ async def apply_report_writes(writes: ReportWrites) -> bool:
 
 async def _write(writes: ReportWrites) -> None:
     async with in_transaction() as conn:
-        for chunk in _chunks(writes.upgrades):
-            rows = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
-            values: list = []
-            for w in chunk:
-                values += [w.id, w.from_state, w.to_state, w.progress, w.message, w.finished_at, w.updated_at]
-            changed, _ = await conn.execute_query(
-                f'WITH v(id, from_state, to_state, progress, message, finished_at, updated_at) AS (VALUES {rows}) '
-                'UPDATE "upgrade" SET "state" = v.to_state, '
-                '"progress" = COALESCE(v.progress, "upgrade"."progress"), '
-                '"message" = COALESCE(v.message, "upgrade"."message"), '
-                '"finished_at" = COALESCE(v.finished_at, "upgrade"."finished_at"), '
-                '"updated_at" = v.updated_at '
-                'FROM v WHERE "upgrade"."id" = v.id AND "upgrade"."state" = v.from_state', values)
-            if changed != len(chunk):
-                raise _LostRace
+        await _update_upgrades(conn, writes.upgrades)
         if writes.new_events:
-            await conn.execute_many(
-                'INSERT INTO "upgrade_event" ("upgrade_id", "at", "state", "source", "detail", "changed", "count", '
-                '"last_at") VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+            await conn.execute_many(sql(
+                conn, 'INSERT INTO "upgrade_event" ("upgrade_id", "at", "state", "source", "detail", "changed", '
+                '"count", "last_at") VALUES (?, ?, ?, ?, ?, ?, ?, ?)'),
                 [[e.upgrade_id, e.at, e.state, e.source, e.detail, e.changed, e.count, e.last_at]
                  for e in writes.new_events])
         if writes.folded:
-            await conn.execute_many(
-                'UPDATE "upgrade_event" SET "count" = "count" + ?, "last_at" = ?, "detail" = ? WHERE "id" = ?',
+            await conn.execute_many(sql(
+                conn, 'UPDATE "upgrade_event" SET "count" = "count" + ?, "last_at" = ?, "detail" = ? WHERE "id" = ?'),
                 [[f.added, f.last_at, f.detail, f.event_id] for f in writes.folded.values()])
         if writes.trims:
-            await conn.execute_many(
-                'DELETE FROM "upgrade_event" WHERE "id" IN (SELECT "id" FROM "upgrade_event" '
-                'WHERE "upgrade_id" = ? AND "changed" = 0 ORDER BY "id" LIMIT ?)',
+            await conn.execute_many(sql(
+                conn, 'DELETE FROM "upgrade_event" WHERE "id" IN (SELECT "id" FROM "upgrade_event" '
+                'WHERE "upgrade_id" = ? AND NOT "changed" ORDER BY "id" LIMIT ?)'),
                 [[upgrade_id, excess] for upgrade_id, excess in writes.trims])
         if writes.firmware:
-            await conn.execute_many('UPDATE "device" SET "firmware_version" = ? WHERE "id" = ?',
+            await conn.execute_many(sql(conn, 'UPDATE "device" SET "firmware_version" = ? WHERE "id" = ?'),
                                     [[version, device_id] for device_id, version in writes.firmware.items()])
+
+
+# The compare-and-set of a batch's upgrades, from a table of (id, from_state, to_state, ...) rows.
+_SET_UPGRADES = ('UPDATE "upgrade" SET "state" = v.to_state, '
+                 '"progress" = COALESCE(v.progress, "upgrade"."progress"), '
+                 '"message" = COALESCE(v.message, "upgrade"."message"), '
+                 '"finished_at" = COALESCE(v.finished_at, "upgrade"."finished_at"), '
+                 '"updated_at" = v.updated_at '
+                 'FROM {rows} WHERE "upgrade"."id" = v.id AND "upgrade"."state" = v.from_state')
+_COLUMNS = "id, from_state, to_state, progress, message, finished_at, updated_at"
+# PostgreSQL: one statement for the whole batch, each column an array (typed: bare parameters in
+# VALUES would be text). SQLite has no arrays: a VALUES table per chunk.
+_PG_ROWS = ('unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::text[], $6::timestamptz[], '
+            f'$7::timestamptz[]) AS v({_COLUMNS})')
+
+
+async def _update_upgrades(conn, upgrades: list[UpgradeWrite]) -> None:
+    """Move each upgrade from the state it was read in, or raise _LostRace and write nothing."""
+    if not upgrades:
+        return
+    if is_postgres(conn):
+        columns = [[w.id for w in upgrades], [w.from_state for w in upgrades], [w.to_state for w in upgrades],
+                   [w.progress for w in upgrades], [w.message for w in upgrades],
+                   [w.finished_at for w in upgrades], [w.updated_at for w in upgrades]]
+        changed, _ = await conn.execute_query(_SET_UPGRADES.format(rows=_PG_ROWS), columns)
+        if changed != len(upgrades):
+            raise _LostRace
+        return
+    for chunk in _chunks(upgrades):
+        rows = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
+        values: list = []
+        for w in chunk:
+            values += [w.id, w.from_state, w.to_state, w.progress, w.message, w.finished_at, w.updated_at]
+        changed, _ = await conn.execute_query(f"WITH v({_COLUMNS}) AS (VALUES {rows}) "
+                                              + _SET_UPGRADES.format(rows="v"), values)
+        if changed != len(chunk):
+            raise _LostRace
 
 
 class _LostRace(Exception):

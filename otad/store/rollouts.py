@@ -10,7 +10,7 @@ from datetime import datetime
 from tortoise.functions import Count
 from tortoise.transactions import in_transaction
 
-from otad.store.models import Campaign, Upgrade, UpgradeEvent
+from otad.store.models import Campaign, Device, Upgrade, UpgradeEvent
 from otad.store.records import CampaignRecord, PackageRecord, UpgradeEventRecord, UpgradeRecord
 
 
@@ -50,6 +50,9 @@ async def record_upgrades(new: list[NewUpgrade], *, package: PackageRecord, stat
     if not new:
         return []
     async with in_transaction():
+        # PostgreSQL runs writers side by side (SQLite one at a time): locking the devices first
+        # makes two enables of one device take turns, so the second sees and supersedes the first.
+        await Device.filter(id__in=[item.device_id for item in new]).order_by("id").select_for_update().only("id")
         earlier = await Upgrade.filter(device_id__in=[item.device_id for item in new],
                                        state__in=list(open_states)).prefetch_related("device")
         if earlier:
@@ -96,7 +99,9 @@ async def advance_upgrades(versions: list[str], from_state: str, to_state: str, 
     if not versions:
         return 0
     async with in_transaction():
-        ids = await Upgrade.filter(version__in=versions, state=from_state).values_list("id", flat=True)
+        # Locked as read (PostgreSQL): no other writer moves them between this and the update.
+        ids = [row.id for row in await Upgrade.filter(version__in=versions, state=from_state)
+               .order_by("id").select_for_update().only("id")]
         moved = await Upgrade.filter(id__in=list(ids), state=from_state).update(state=to_state, updated_at=at)
         if moved != len(ids):
             raise RuntimeError("upgrades moved while being advanced")  # rolls back; the caller retries
@@ -156,7 +161,8 @@ async def end_open_upgrades(*, open_states: Iterable[str], state: str, at: datet
     whatever open state each has reached by now, with its timeline entry; return what ended."""
     scope = {"package_id": package_id} if package_id is not None else {"campaign_id": campaign_id}
     async with in_transaction():
-        rows = await Upgrade.filter(**scope, state__in=list(open_states)).prefetch_related("device")
+        rows = await (Upgrade.filter(**scope, state__in=list(open_states)).order_by("id").select_for_update()
+                      .prefetch_related("device"))
         moved = await Upgrade.filter(id__in=[row.id for row in rows], state__in=list(open_states)).update(
             state=state, finished_at=at, updated_at=at)
         if moved != len(rows):
