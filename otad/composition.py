@@ -19,7 +19,7 @@ from pathlib import Path
 
 from otad.cache_sync import CacheSync
 from otad.cluster import Announcer, is_postgres
-from otad.config import Settings
+from otad.config import Settings, redact_url
 from otad.errors import StartupError
 from otad.firmware import DirectoryStore, FirmwareStore
 from otad.mqtt.dynsec import DynsecProvisioner
@@ -46,6 +46,8 @@ def data_dir_notice(settings: Settings) -> str:
     """One line naming the data directory, and saying so when it holds no database yet (opening
     it will create a new, empty one)."""
     where = settings.data_dir.absolute()
+    if settings.database.url:
+        return f"data directory {where}, database {redact_url(settings.database.url)}"
     if settings.database_path.exists():
         return f"data directory {where}"
     return f"no database in {where} yet: creating a new one"
@@ -70,13 +72,15 @@ def exclusive_data_dir(settings: Settings) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def open_database(settings: Settings) -> AsyncIterator[Database]:
     """The database, for the daemon and the local admin commands alike (SQLite in WAL mode lets
-    both have it open). The data directory must exist (``prepare_data_dir``)."""
-    database = Database(settings.database_path)
+    both have it open; PostgreSQL at ``database.url`` when set). The data directory must exist
+    (``prepare_data_dir``)."""
+    database = Database(settings.database_path, settings.database.url)
+    where = redact_url(settings.database.url) if settings.database.url else settings.database_path
     try:
         await database.open()
     except Exception as exc:
         await database.close()
-        raise StartupError(f"cannot open database {settings.database_path}: {exc}") from None
+        raise StartupError(f"cannot open database {where}: {exc}") from None
     try:
         yield database
     finally:
