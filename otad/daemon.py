@@ -167,7 +167,7 @@ class Daemon:
                                      services.devices.note_presence, mqtt_tls)
         self._stack.push_async_callback(self._broker.stop)
         # Before the campaign engine runs: it may supersede what is being restored.
-        restored = await services.upgrades.restore_pending()
+        restored = await self._restore_commands(services)
         if restored:
             log.info("restored the pending OTA command of %d device(s)", restored)
         maintenance = asyncio.create_task(self._maintain(services), name="otad-maintenance")
@@ -282,12 +282,19 @@ class Daemon:
             starting = False
             await asyncio.sleep(_CAMPAIGN_TICK)
 
+    async def _restore_commands(self, services: Services) -> int:
+        """Keep every open upgrade's command again; an external broker holds reports meanwhile (see
+        ExternalBroker.without_reports: otad's session there delivers queued reports at once)."""
+        if isinstance(self._broker, ExternalBroker):
+            return await self._broker.without_reports(services.upgrades.restore_pending)
+        return await services.upgrades.restore_pending()
+
     async def _restore_after_takeover(self, services: Services) -> None:
         """A leader that died between recording upgrades and publishing their commands left them
         unsent: the new leader sends every open upgrade's command again, as a start does (a
         duplicate at worst, which QoS 1 allows)."""
         try:
-            restored = await services.upgrades.restore_pending()
+            restored = await self._restore_commands(services)
         except Exception:
             log.exception("restoring the pending OTA commands after taking over failed")
         else:

@@ -28,6 +28,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from otad.config import MqttSettings
 from otad.errors import StartupError
@@ -36,6 +37,7 @@ from otad.mqtt.events import ReportHandler
 from otad.mqtt.topics import OTA_REPORT, ota_command_topic, ota_report_reply_topic, reporting_device
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The empty level after the group: otad's topics start with "/".
 REPORT_SUBSCRIPTION = "$share/otad/" + OTA_REPORT.format(device="+")
@@ -71,6 +73,13 @@ class ExternalBroker:
         self._on_report: ReportHandler | None = None
         self._on_session_lost: Callable[[], Awaitable[object]] | None = None
         self._sessions = 0  # connections made; the first one's new session is the daemon's to fill
+        # Reports flow unless the open upgrades' commands are being published again (without_reports).
+        self._reports_open = asyncio.Event()
+        self._reports_open.set()
+        self._holds = 0
+        self._applying = 0  # reports being applied now
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._connection: ClientConnection | None = None
         self._runner: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -137,9 +146,27 @@ class ExternalBroker:
 
     async def _session_lost(self, restore: Callable[[], Awaitable[object]]) -> None:
         try:
-            await restore()
+            await self.without_reports(restore)
         except Exception:
             log.exception("publishing the open upgrades' commands again failed")
+
+    async def without_reports(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action`` (publishing the open upgrades' commands again) while no report is being
+        applied: one applied between its reading the open upgrades and its publishing their commands
+        would have its upgrade's command cleared, then published again, retained, for good. Reports
+        that arrive meanwhile wait, unacknowledged."""
+        self._holds += 1
+        self._reports_open.clear()
+        try:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._timeout)
+            except TimeoutError:
+                log.warning("reports still being applied after %.0f s; restoring the commands anyway", self._timeout)
+            return await action()
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._reports_open.set()
 
     async def _stay_connected(self) -> None:
         backoff = _FIRST_BACKOFF
@@ -182,6 +209,9 @@ class ExternalBroker:
     async def _report(self, device: str, message: Message) -> None:
         assert self._on_report is not None
         connection = message.connection
+        await self._reports_open.wait()
+        self._applying += 1
+        self._idle.clear()
         try:
             reply = await self._on_report(device, message.payload)
         except asyncio.CancelledError:
@@ -199,6 +229,10 @@ class ExternalBroker:
             if reply is not None and connection.is_open:
                 # QoS 0, as in embedded mode: the report is already durable.
                 await connection.publish(ota_report_reply_topic(device), reply, qos=0)
+        finally:
+            self._applying -= 1
+            if not self._applying:
+                self._idle.set()
         message.ack()
 
     def _given_up(self, device: str, payload: bytes) -> bool:
