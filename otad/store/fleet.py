@@ -39,11 +39,15 @@ async def devices_per_product() -> list[ProductCount]:
 
 
 async def firmware_versions(limit: int) -> list[VersionCount]:
-    """The ``limit`` most common (product, reported version) pairs, most devices first."""
+    """The ``limit`` most common (product, reported version) pairs, most devices first; ties by
+    product, then version, never reported first. Sorted here: SQLite puts NULL first and
+    PostgreSQL last (the pairs are few: a fleet runs a handful of versions per product)."""
     rows = await (Device.all().annotate(n=Count("id")).group_by("product_id", "firmware_version")
-                  .order_by("-n", "product_id", "firmware_version").limit(limit)
                   .values("product_id", "firmware_version", "n"))
-    return [VersionCount(row["product_id"], row["firmware_version"] or UNKNOWN_VERSION, row["n"]) for row in rows]
+    rows.sort(key=lambda row: (-row["n"], row["product_id"], row["firmware_version"] is not None,
+                               row["firmware_version"] or ""))
+    return [VersionCount(row["product_id"], row["firmware_version"] or UNKNOWN_VERSION, row["n"])
+            for row in rows[:limit]]
 
 
 def _device_filter(text: str | None, product_id: int | None, online: bool | None, version: str | None) -> Q:
