@@ -11,12 +11,19 @@ five statuses (QoS 1); first PUBLISH to last PUBACK (PUBACK = committed), /healt
 states read back from the SQLite file and the API. The floor: bare sqlite3, the same 5N timeline
 rows + 5N updates by primary key, one transaction, WAL + synchronous=FULL. Medians of --runs.
 Loopback only; every process started is stopped by its PID.
+
+    .venv/bin/python bench/report_ingest.py --postgres     # the daemon on a throwaway PostgreSQL 15
+    .venv/bin/python bench/report_ingest.py --database-url postgres://user@host:5432
+
+With PostgreSQL each run's daemon gets a fresh database on that server and the states are read back
+from it; the floor stays bare sqlite3's (the same machine's reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +47,9 @@ from bench.broker_fanout import raise_fd_limit  # noqa: E402
 from bench.common import free_port  # noqa: E402
 from bench.fleet import Device  # noqa: E402
 from bench.http_bench import wait_http  # noqa: E402
+from otad.config import load_settings, redact_url  # noqa: E402
+from tests.conftest import db_query  # noqa: E402
+from tests.postgres import fresh_database, running_postgres  # noqa: E402
 from tests.rawmqtt import publish_packet, subscribe_packet  # noqa: E402
 
 STATUSES = (("downloading", 50), ("downloaded", 100), ("verified", 100), ("updating", 100), ("updated", 100))
@@ -200,17 +210,18 @@ def storage_floor(workdir: Path, n: int) -> float:
     return 5 * n / elapsed
 
 
-def start_daemon(workdir: Path) -> tuple[subprocess.Popen, str, str, int]:
-    """`otad serve` on free loopback ports, with an API token; its log goes to workdir/otad.log."""
+def start_daemon(workdir: Path, url: str = "") -> tuple[subprocess.Popen, str, str, int]:
+    """`otad serve` on free loopback ports (on PostgreSQL at ``url`` if given), with an API token;
+    its log goes to workdir/otad.log."""
     data, http_port, mqtt_port = workdir / "otad", free_port(), free_port()
     created = subprocess.run(OTAD + ["token", "create", "bench", "--data-dir", str(data)], capture_output=True,
-                             text=True)
+                             text=True, env={**os.environ, "OTAD_DATABASE_URL": url})
     if created.returncode:
         raise RuntimeError(f"otad token create failed: {created.stderr.strip()}")
     token = created.stdout.splitlines()[-1]
     # A few HTTP connections are enough here; left to its share of the open-file limit (a hard
     # limit of 20,000 on some machines) HTTP would take half and leave MQTT fewer than 10,000.
-    env = {**os.environ, "OTAD_HTTP_MAX_CONNECTIONS": "256"}
+    env = {**os.environ, "OTAD_HTTP_MAX_CONNECTIONS": "256", "OTAD_DATABASE_URL": url}
     with open(workdir / "otad.log", "wb") as log_file:
         daemon = subprocess.Popen(OTAD + ["serve", "--data-dir", str(data), "--http-host", "127.0.0.1", "--http-port",
                                           str(http_port), "--mqtt-host", "127.0.0.1", "--mqtt-port", str(mqtt_port),
@@ -219,8 +230,8 @@ def start_daemon(workdir: Path) -> tuple[subprocess.Popen, str, str, int]:
     return daemon, token, f"http://127.0.0.1:{http_port}", mqtt_port
 
 
-async def run_one(workdir: Path, n: int) -> dict:
-    daemon, token, base, mqtt_port = start_daemon(workdir)
+async def run_one(workdir: Path, n: int, url: str = "") -> dict:
+    daemon, token, base, mqtt_port = start_daemon(workdir, url)
     bench, pid, pollers, r = Bench(), daemon.pid, [], {"load1_at_start": os.getloadavg()[0]}
     try:
         async with aiohttp.ClientSession(headers={"Authorization": token}) as http:
@@ -272,13 +283,12 @@ async def run_one(workdir: Path, n: int) -> dict:
             if bench.refusals:
                 print(f"  refused reports: {dict(bench.refusals)}", flush=True)
 
-            # Read back: the SQLite file (otad.config: data_dir/otad.sqlite3) and the API.
-            db = sqlite3.connect(workdir / "otad" / "otad.sqlite3")
-            states = dict(db.execute('SELECT state, COUNT(*) FROM "upgrade" WHERE campaign_id = ? GROUP BY state',
-                                     (campaign["id"],)).fetchall())
-            r["events"] = db.execute('SELECT COUNT(*) FROM upgrade_event e JOIN "upgrade" u ON u.id = e.upgrade_id '
-                                     'WHERE u.campaign_id = ?', (campaign["id"],)).fetchone()[0]
-            db.close()
+            # Read back: the database (otad.config: data_dir/otad.sqlite3, or PostgreSQL) and the API.
+            settings = load_settings({}, {}, {"data_dir": str(workdir / "otad"), "database.url": url})
+            states = dict(db_query(settings, 'SELECT state, COUNT(*) FROM "upgrade" WHERE campaign_id = ? '
+                                             'GROUP BY state', (campaign["id"],)))
+            r["events"] = db_query(settings, 'SELECT COUNT(*) FROM upgrade_event e JOIN "upgrade" u '
+                                             'ON u.id = e.upgrade_id WHERE u.campaign_id = ?', (campaign["id"],))[0][0]
             r["db_updated"] = states.get("updated", 0)
             page = await api("GET", f"/api/v2/upgrades?state=updated&campaign={campaign['id']}&pageSize=500")
             r["api_updated"] = page["total"]
@@ -322,15 +332,23 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--database-url", default="", help="a PostgreSQL server's base URL: a fresh database each run")
+    parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 for the runs")
     args = parser.parse_args()
     raise_fd_limit()
+    with contextlib.ExitStack() as stack:
+        await runs(args, stack.enter_context(running_postgres()) if args.postgres else args.database_url)
+
+
+async def runs(args, base: str) -> None:
     print(f"nproc {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}); load average at start "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.devices} devices x {len(STATUSES)} statuses",
-          flush=True)
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.devices} devices x {len(STATUSES)} statuses; "
+          f"{'PostgreSQL ' + redact_url(base) if base else 'SQLite'}", flush=True)
     results = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as workdir:
-            results.append(await run_one(Path(workdir), args.devices))
+            url = await asyncio.to_thread(fresh_database, base) if base else ""
+            results.append(await run_one(Path(workdir), args.devices, url))
         print(f"run {run + 1}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in results[-1].items()), flush=True)
     print(f"\nload average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
