@@ -40,9 +40,9 @@ from otad.config import redact_url  # noqa: E402
 from otad.service.clock import utc_now  # noqa: E402
 from otad.service.reports import Reports  # noqa: E402
 from otad.service.upgrades import UpgradeService  # noqa: E402
-from otad.store import repo, rollouts  # noqa: E402
+from otad.model import NewUpgrade  # noqa: E402
 from otad.store.database import Database  # noqa: E402
-from otad.store.rollouts import NewUpgrade  # noqa: E402
+from otad.store.store import Store  # noqa: E402
 from tests.postgres import fresh_database, running_postgres  # noqa: E402
 
 STATUSES = ("downloading", "downloaded", "verified", "updating", "updated")
@@ -89,18 +89,19 @@ async def postgres_floor(url: str, n: int) -> float:
 async def run_one(workdir: Path, n: int, url: str = "") -> dict:
     database = Database(workdir / "otad.sqlite3", url)
     await database.open()
+    store = Store()
     try:
-        await repo.insert_devices((f"d{i}", 1, "x" * 64) for i in range(n))
-        package = await repo.insert_package(product_id=1, name="fw", file_name=f"{uuid.uuid4()}.bin",
-                                            original_name="fw.bin", size=1, md5="0" * 32, sha256="0" * 64,
-                                            version=None, description=None)
-        devices = await repo.devices_of_product(1)
+        await store.repo.insert_devices((f"d{i}", 1, "x" * 64) for i in range(n))
+        package = await store.repo.insert_package(product_id=1, name="fw", file_name=f"{uuid.uuid4()}.bin",
+                                                  original_name="fw.bin", size=1, md5="0" * 32, sha256="0" * 64,
+                                                  version=None, description=None)
+        devices = await store.repo.devices_of_product(1)
         upgrades = [NewUpgrade(str(uuid.uuid4()), device_id, None) for device_id, _ in devices]
         for start in range(0, n, 500):
-            await rollouts.record_upgrades(upgrades[start:start + 500], package=package, state="notified",
-                                           at=utc_now(), superseded_state="superseded",
-                                           open_states=["created", "notified"])
-        reports = Reports(UpgradeService(None, NoDevices(), 3600))  # type: ignore[arg-type]
+            await store.rollouts.record_upgrades(upgrades[start:start + 500], package=package, state="notified",
+                                                 at=utc_now(), superseded_state="superseded",
+                                                 open_states=["created", "notified"])
+        reports = Reports(store, UpgradeService(store, None, NoDevices(), 3600))  # type: ignore[arg-type]
         items = [(name, json.dumps({"version": upgrade.version, "status": status, "progress": 100}).encode())
                  for status in STATUSES for (_, name), upgrade in zip(devices, upgrades)]
         started = time.perf_counter()
@@ -109,7 +110,7 @@ async def run_one(workdir: Path, n: int, url: str = "") -> dict:
             replies += await reports.apply_batch(items[start:start + BATCH])
         elapsed = time.perf_counter() - started
         assert all(reply.accepted for reply in replies), "a report was refused"
-        states = {row for row in await rollouts.count_upgrades_by_state()}
+        states = {row for row in await store.rollouts.count_upgrades_by_state()}
         assert states == {"updated"}, states
     finally:
         await database.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from otad.cluster import RESET, Node
 from otad.service import Services
-from otad.service.states import UpgradeState
+from otad.model import UpgradeState
 from otad.service.upgrades import UpgradeChange
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from otad.service import Services, build_services
 from otad.service.clock import utc_now
 from otad.service.ports import DeviceCredentials, NoProvisioning, Publisher
 from otad.store.database import Database
+from otad.store.store import Store
 
 
 def prepare_data_dir(settings: Settings) -> None:
@@ -125,8 +126,9 @@ def firmware_store(settings: Settings) -> FirmwareStore:
 
 def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publisher,
                  clock: Callable[[], datetime] = utc_now, accounts: DeviceCredentials | None = None) -> Services:
-    """``build_services`` with every argument that comes from the settings taken from them."""
-    return build_services(firmware, publisher, settings.http.max_upload_size,
+    """``build_services`` with every argument that comes from the settings taken from them, on the
+    one ``Store`` (the database is open by now: ``open_database``)."""
+    return build_services(Store(), firmware, publisher, settings.http.max_upload_size,
                           xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
                           upgrade_timeout=settings.upgrade.timeout, clock=clock,
                           timeline_limit=settings.upgrade.timeline_limit,

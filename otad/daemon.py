@@ -34,7 +34,7 @@ from otad.mqtt.external import ExternalBroker, node_client_id
 from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services
 from otad.service.clock import utc_now
-from otad.service.health import DATABASE, FIRMWARE, database_alive, probe_database
+from otad.service.health import DATABASE, FIRMWARE
 from otad.store.failures import storage_failure
 from otad.tls import Certificates
 from otad.web import install as install_dashboard
@@ -130,7 +130,7 @@ class Daemon:
         self._stack.push_async_callback(accounts.close)
         self.services = services = services_for(settings, firmware, self._broker, self._clock, accounts)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
-        services.health.add_probe(DATABASE, probe_database)
+        services.health.add_probe(DATABASE, services.health.probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
         await firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
 
@@ -225,7 +225,7 @@ class Daemon:
         """What the systemd watchdog checks: the broker serves, the database answers. A full disk
         is not here: restarting would not free any space."""
         try:
-            database = await asyncio.wait_for(database_alive(), 5)
+            database = await asyncio.wait_for(self.services.health.database_alive(), 5)
         except Exception:
             database = False
         return {"broker": self._broker.is_serving(), "database": database}

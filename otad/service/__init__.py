@@ -22,9 +22,9 @@ from otad.service.ports import DeviceCredentials, Publisher
 from otad.service.clock import utc_now
 from otad.service.upgrades import UpgradeService
 from otad.service.xiaozhi import XiaozhiBoards
-# The records the use cases return, for the adapters to render; they come from the store as plain data.
-from otad.store.records import (CampaignRecord, DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord,
-                                XiaozhiPinRecord)
+# The records the use cases return, for the adapters to render (otad.model: plain data).
+from otad.model import (CampaignRecord, DeviceRecord, PackageRecord, PassivePinRecord, UpgradeEventRecord,
+                        UpgradeRecord, XiaozhiPinRecord)
 
 __all__ = ["CampaignRecord", "DeviceRecord", "PackageRecord", "PassivePinRecord", "Services", "UpgradeEventRecord", "UpgradeRecord",
            "XiaozhiPinRecord", "build_services"]
@@ -49,32 +49,34 @@ class Services:
     live: LiveFeed
 
 
-def build_services(firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
+def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
                    xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
                    clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100,
                    login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW,
                    accounts: DeviceCredentials | None = None) -> Services:
-    devices = DeviceRegistry(publisher, accounts)
-    upgrades = UpgradeService(devices, publisher, upgrade_timeout, clock)
-    health = StorageHealth()
-    reports = Reports(upgrades, timeline_limit)
-    campaigns = Campaigns(upgrades, devices, upgrade_timeout)
-    fleet = Fleet(devices, upgrades, campaigns)
+    """``store`` is the composition root's ``otad.store.store.Store``: each use case keeps it and
+    reaches the database only through it."""
+    devices = DeviceRegistry(store, publisher, accounts)
+    upgrades = UpgradeService(store, devices, publisher, upgrade_timeout, clock)
+    health = StorageHealth(store)
+    reports = Reports(store, upgrades, timeline_limit)
+    campaigns = Campaigns(store, upgrades, devices, upgrade_timeout)
+    fleet = Fleet(store, devices, upgrades, campaigns)
     live = LiveFeed(fleet.live_summary)
     upgrades.on_change(live.upgrades_changed)
     devices.on_presence(live.presence_changed)
     campaigns.on_change(live.campaign_changed)
     return Services(
-        admins=AdminAuth(guard=LoginGuard(login_max_failures, login_window)),
+        admins=AdminAuth(store, guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,
-        packages=PackageCatalog(firmware, upgrades, max_upload_size, health),
+        packages=PackageCatalog(store, firmware, upgrades, max_upload_size, health),
         upgrades=upgrades,
         campaigns=campaigns,
         reports=reports,
         ingest=ReportIngest(reports, health),
         health=health,
-        passive=PassivePins(devices),
-        xiaozhi=XiaozhiBoards(xiaozhi_default_product_id),
+        passive=PassivePins(store, devices),
+        xiaozhi=XiaozhiBoards(store, xiaozhi_default_product_id),
         firmware=firmware,
         fleet=fleet,
         live=live,

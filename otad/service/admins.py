@@ -23,8 +23,7 @@ from otad.service.clock import utc_now
 from otad.service.login_guard import LoginGuard
 from otad.service.roles import ADMIN, check_role, require_change
 from otad.service.validation import is_clean_text
-from otad.store import repo
-from otad.store.records import TokenRecord, UserRecord
+from otad.model import Duplicate, TokenRecord, UserRecord
 
 # The original platform's login tokens last 7 days (protocol.md section 2).
 LOGIN_TOKEN_LIFETIME = timedelta(days=7)
@@ -74,7 +73,8 @@ def login_token_user(token: TokenRecord) -> str | None:
 class AdminAuth:
     """API tokens, users and login. Owns the password-hashing executor: call ``close`` at shutdown."""
 
-    def __init__(self, now=utc_now, guard: LoginGuard | None = None) -> None:
+    def __init__(self, store, now=utc_now, guard: LoginGuard | None = None) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._now = now
         self.guard = guard if guard is not None else LoginGuard()
         self._executor: ThreadPoolExecutor | None = None
@@ -97,19 +97,19 @@ class AdminAuth:
         check_role(role)
         secret = credentials.new_secret()
         try:
-            await repo.insert_token(name, credentials.hash_secret(secret), "api", None, role)
-        except repo.Duplicate:
+            await self._store.repo.insert_token(name, credentials.hash_secret(secret), "api", None, role)
+        except Duplicate:
             raise Conflict(f"参数无效: a token named '{name}' exists") from None
         return secret
 
     async def list_tokens(self) -> list[TokenRecord]:
         """Every live token: the CLI-made API tokens and the unexpired login tokens."""
         now = self._now()
-        return [token for token in await repo.list_tokens()
+        return [token for token in await self._store.repo.list_tokens()
                 if token.expires_at is None or token.expires_at > now]
 
     async def revoke_token(self, name: str) -> None:
-        if not await repo.delete_token(name):
+        if not await self._store.repo.delete_token(name):
             raise NotFound(f"参数无效: no token named '{name}'")
 
     async def add_user(self, username: str, password: str, role: str = ADMIN) -> None:
@@ -118,26 +118,26 @@ class AdminAuth:
         _check_password(password)
         hashed = await self._hash(credentials.hash_password, password)
         try:
-            await repo.insert_user(username, hashed, role)
-        except repo.Duplicate:
+            await self._store.repo.insert_user(username, hashed, role)
+        except Duplicate:
             raise Conflict(f"参数无效: user '{username}' exists") from None
 
     async def list_users(self) -> list[UserRecord]:
-        return await repo.list_users()
+        return await self._store.repo.list_users()
 
     async def change_password(self, username: str, password: str) -> int:
         """Set a user's password and revoke their login tokens (whoever held the old password may
         hold one); return how many were revoked."""
         _check_password(password)
         hashed = await self._hash(credentials.hash_password, password)
-        revoked = await repo.set_user_password(username, hashed, _login_token_prefix(username))
+        revoked = await self._store.repo.set_user_password(username, hashed, _login_token_prefix(username))
         if revoked is None:
             raise NotFound(f"参数无效: no user named '{username}'")
         return revoked
 
     async def delete_user(self, username: str) -> int:
         """Delete a user and revoke their login tokens; return how many were revoked."""
-        revoked = await repo.delete_user(username, _login_token_prefix(username))
+        revoked = await self._store.repo.delete_user(username, _login_token_prefix(username))
         if revoked is None:
             raise NotFound(f"参数无效: no user named '{username}'")
         return revoked
@@ -154,7 +154,7 @@ class AdminAuth:
         if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
             raise MissingInput("参数缺失: username and password are required")
         self.guard.admit(source, username)
-        user = await repo.find_user(username) if _NAME.fullmatch(username) else None
+        user = await self._store.repo.find_user(username) if _NAME.fullmatch(username) else None
         if user is None:
             raise NoSuchAccount()
         if not is_clean_text(password):
@@ -168,17 +168,17 @@ class AdminAuth:
     async def _issue_login_token(self, user: UserRecord) -> str:
         username, password_hash = user.username, user.password_hash
         now = self._now()
-        await repo.delete_expired_tokens(now)
+        await self._store.repo.delete_expired_tokens(now)
         secret = credentials.new_secret()
         name = f"{_login_token_prefix(username)}{uuid.uuid4().hex[:12]}"
-        await repo.insert_token(name, credentials.hash_secret(secret), _LOGIN_TOKEN, now + LOGIN_TOKEN_LIFETIME,
-                                user.role)
+        await self._store.repo.insert_token(name, credentials.hash_secret(secret), _LOGIN_TOKEN, now + LOGIN_TOKEN_LIFETIME,
+                                            user.role)
         # `otad user delete` / `passwd` (maybe another process) may have run while the password was
         # hashed. They revoke the user's tokens in the same transaction as the change, so a token
         # inserted before it is revoked with it, and one inserted after it sees the change here.
-        current = await repo.find_user(username)
+        current = await self._store.repo.find_user(username)
         if current is None or current.password_hash != password_hash:
-            await repo.delete_token(name)
+            await self._store.repo.delete_token(name)
             raise NoSuchAccount() if current is None else WrongPassword()
         return secret
 
@@ -196,7 +196,7 @@ class AdminAuth:
         NotLoggedIn for none, Forbidden if ``change`` is asked of a viewer."""
         if not secret:
             raise NotLoggedIn()
-        token = await repo.find_token(credentials.hash_secret(secret))
+        token = await self._store.repo.find_token(credentials.hash_secret(secret))
         if token is None or (token.expires_at is not None and token.expires_at <= self._now()):
             raise NotLoggedIn()
         if change:
@@ -205,6 +205,6 @@ class AdminAuth:
 
     async def log_out(self, secret: str) -> None:
         """Revoke the login token whose secret this is (a dashboard logout); nothing if none."""
-        token = await repo.find_token(credentials.hash_secret(secret)) if secret else None
+        token = await self._store.repo.find_token(credentials.hash_secret(secret)) if secret else None
         if token is not None and token.kind == _LOGIN_TOKEN:
-            await repo.delete_token(token.name)
+            await self._store.repo.delete_token(token.name)

@@ -11,7 +11,7 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable
 
-from otad.service.states import UpgradeState
+from otad.model import UpgradeState
 
 
 class CampaignView:

@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.campaign_view import CampaignView
 from otad.service.devices import DeviceRegistry
-from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, CampaignState, UpgradeState
+from otad.model import LIVE_CAMPAIGN_STATES, OPEN_STATES, CampaignRecord, CampaignState, UpgradeState
 from otad.service.upgrades import Recipient, UpgradeChange, UpgradeService
 from otad.service.validation import check_package_name, parse_int
-from otad.store import product_devices, repo, rollouts
-from otad.store.records import CampaignRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,8 @@ _TEN_YEARS = 10 * 365 * 24 * 3600.0
 
 
 class Campaigns:
-    def __init__(self, upgrades: UpgradeService, devices: DeviceRegistry, default_timeout: float) -> None:
+    def __init__(self, store, upgrades: UpgradeService, devices: DeviceRegistry, default_timeout: float) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._upgrades = upgrades
         self._default_timeout = default_timeout
         self._tokens: dict[int, tuple[float, float]] = {}  # campaign id -> (tokens, at) for notifyRate
@@ -109,15 +108,15 @@ class Campaigns:
             raise InvalidInput("参数无效: maxConcurrent must be from 1 to 100000")
         rate = _number(body.get("notifyRate"), "notifyRate", 10, 0.001, 100_000)
         timeout = _number(body.get("timeout"), "timeout", self._default_timeout, 1, _TEN_YEARS)
-        package = await repo.find_package(product_id, name)
+        package = await self._store.repo.find_package(product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {product_id} has no package named '{name}'")
         # Two live campaigns of one package would supersede each other's upgrades device by device.
-        for live in await rollouts.list_campaigns(LIVE_CAMPAIGN_STATES):
+        for live in await self._store.rollouts.list_campaigns(LIVE_CAMPAIGN_STATES):
             if live.product_id == product_id and live.package_id == package.id:
                 raise Conflict(f"参数无效: campaign {live.id} already rolls out '{name}' to product {product_id} "
                                f"({live.state}); cancel it first")
-        campaign = await rollouts.insert_campaign(
+        campaign = await self._store.rollouts.insert_campaign(
             name=name, product_id=product_id, package_id=package.id, stages=stages, success_threshold=success,
             failure_threshold=failure, max_concurrent=max_concurrent, notify_rate=rate,
             timeout=timeout, state=CampaignState.RUNNING, current_stage=0)
@@ -137,20 +136,20 @@ class Campaigns:
                 log.exception("campaign %d: a change listener failed", campaign_id)
 
     async def _update(self, campaign_id: int, from_states: tuple | list, **changes) -> bool:
-        """``rollouts.update_campaign``, and the listeners told when it changed the row."""
-        if not await rollouts.update_campaign(campaign_id, from_states, **changes):
+        """``self._store.rollouts.update_campaign``, and the listeners told when it changed the row."""
+        if not await self._store.rollouts.update_campaign(campaign_id, from_states, **changes):
             return False
         self._changed(campaign_id)
         return True
 
     async def get(self, raw_id: object) -> CampaignRecord:
-        campaign = await rollouts.find_campaign(parse_int(raw_id, "id"))
+        campaign = await self._store.rollouts.find_campaign(parse_int(raw_id, "id"))
         if campaign is None:
             raise NotFound(f"参数无效: no campaign {raw_id}")
         return campaign
 
     async def list(self) -> list[CampaignRecord]:
-        return await rollouts.list_campaigns()
+        return await self._store.rollouts.list_campaigns()
 
     async def pause(self, raw_id: object) -> CampaignRecord:
         async with self._lock:
@@ -161,7 +160,7 @@ class Campaigns:
         against the threshold, or a campaign that paused itself would pause again at once."""
         async with self._lock:
             campaign = await self.get(raw_id)
-            failures = sum(count for _, state, count in await rollouts.count_campaign_upgrades(campaign.id)
+            failures = sum(count for _, state, count in await self._store.rollouts.count_campaign_upgrades(campaign.id)
                            if state in FAILED)
             if not await self._update(campaign.id, (CampaignState.PAUSED,), state=CampaignState.RUNNING,
                                       reason=None, failures_accepted=failures):
@@ -190,7 +189,7 @@ class Campaigns:
 
     async def _status(self, campaign: CampaignRecord) -> CampaignStatus:
         status = CampaignStatus(campaign, devices_per_stage=await self._devices_per_stage(campaign))
-        for stage, state, count in await rollouts.count_campaign_upgrades(campaign.id):
+        for stage, state, count in await self._store.rollouts.count_campaign_upgrades(campaign.id):
             status.by_state[state] += count
             status.by_stage.setdefault(stage, Counter())[state] += count
         return status
@@ -198,13 +197,13 @@ class Campaigns:
     async def _devices_per_stage(self, campaign: CampaignRecord) -> Counter:
         """The product's devices per stage, counted again only when devices joined or left since
         (status is read by every screen once a second; hashing 10,000 names each time is not free)."""
-        census = await product_devices.census(campaign.product_id)
+        census = await self._store.product_devices.census(campaign.product_id)
         cached = self._stage_counts.get(campaign.id)
         if cached is not None and cached[0] == census:
             return Counter(cached[1])
         per_stage: Counter = Counter()
         last_id = 0
-        rows = await repo.devices_of_product(campaign.product_id)
+        rows = await self._store.repo.devices_of_product(campaign.product_id)
         for device_id, device_name in rows:
             last_id = max(last_id, device_id)
             stage = stage_of(campaign.product_id, campaign.name, device_name, campaign.stages)
@@ -218,10 +217,10 @@ class Campaigns:
 
     async def tick(self) -> None:
         """Advance every running campaign one step; called every half second by the daemon."""
-        running = await rollouts.list_campaigns([CampaignState.RUNNING])
+        running = await self._store.rollouts.list_campaigns([CampaignState.RUNNING])
         for listed in running:
             async with self._lock:
-                campaign = await rollouts.find_campaign(listed.id)  # as it is now, under the lock
+                campaign = await self._store.rollouts.find_campaign(listed.id)  # as it is now, under the lock
                 if campaign is None or campaign.state != CampaignState.RUNNING:
                     continue
                 try:
@@ -264,7 +263,7 @@ class Campaigns:
                 view.loaded_at = time.monotonic()
         if view is None:
             view = await self._load(campaign)
-        for device_id, name in await repo.devices_of_product(campaign.product_id, after_id=view.last_device_id):
+        for device_id, name in await self._store.repo.devices_of_product(campaign.product_id, after_id=view.last_device_id):
             view.add_device(device_id, name, stage_of(campaign.product_id, campaign.name, name, campaign.stages))
         return view
 
@@ -275,9 +274,10 @@ class Campaigns:
         held = self._loading[campaign.id] = []
         try:
             view = CampaignView(campaign.product_id, campaign.name, campaign.stages)
-            for device_id, name in await repo.devices_of_product(campaign.product_id):
+            for device_id, name in await self._store.repo.devices_of_product(campaign.product_id):
                 view.add_device(device_id, name, stage_of(campaign.product_id, campaign.name, name, campaign.stages))
-            latest = {upgrade.device_name: upgrade for upgrade in await rollouts.campaign_upgrade_states(campaign.id)}
+            latest = {upgrade.device_name: upgrade
+                      for upgrade in await self._store.rollouts.campaign_upgrade_states(campaign.id)}
             for upgrade in latest.values():
                 view.set_upgrade(upgrade.device_name, upgrade.version, None, UpgradeState(upgrade.state))
         finally:
@@ -293,7 +293,7 @@ class Campaigns:
 
     async def _diverged(self, campaign_id: int, view: CampaignView) -> bool:
         """Whether the database's counts per stage and state differ from the view's."""
-        counted = {(stage, state): n for stage, state, n in await rollouts.count_campaign_upgrades(campaign_id)}
+        counted = {(stage, state): n for stage, state, n in await self._store.rollouts.count_campaign_upgrades(campaign_id)}
         held = {(stage, state): n for stage, states in view.states_per_stage.items()
                 for state, n in states.items() if n}
         return counted != held
@@ -330,14 +330,15 @@ class Campaigns:
                      self._take_tokens(campaign, unstarted))
         if budget <= 0:
             return
-        package = await repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
+        package = await self._store.repo.find_package_by_id(campaign.package_id) if campaign.package_id else None
         if package is None:
             await self._update(campaign.id, [CampaignState.RUNNING], state=CampaignState.PAUSED,
                                reason="paused itself: its package is gone")
             return
         candidates = list(itertools.islice(view.unstarted(stage), budget * 2))
         # A device in the middle of installing another upgrade (an otaEnable) is left to finish it.
-        busy = await rollouts.devices_busy_elsewhere([name for _, name in candidates], campaign.id, _BUSY_STATES)
+        busy = await self._store.rollouts.devices_busy_elsewhere([name for _, name in candidates], campaign.id,
+                                                               _BUSY_STATES)
         chosen = [Recipient(view.device_ids[name], name, s) for s, name in candidates if name not in busy][:budget]
         if chosen:
             await self._upgrades.start_many(chosen, package, campaign.timeout, campaign.id)

@@ -10,9 +10,8 @@ from otad.errors import Conflict, InvalidInput, MissingInput, NotFound
 from otad.service import credentials
 from otad.service.clock import utc_now
 from otad.service.ports import DeviceCredentials, NoProvisioning, Publisher
-from otad.store import device_passwords, repo
 from otad.service.validation import DEVICE_NAME, check_device_name, parse_int
-from otad.store.records import DeviceRecord
+from otad.model import DeviceRecord, Duplicate
 
 MAX_BULK = 10_000
 
@@ -25,7 +24,8 @@ class NewDevice:
 
 
 class DeviceRegistry:
-    def __init__(self, publisher: Publisher, accounts: DeviceCredentials | None = None) -> None:
+    def __init__(self, store, publisher: Publisher, accounts: DeviceCredentials | None = None) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._publisher = publisher
         # Device accounts on an external broker (mosquitto-dynsec); nothing for the embedded one.
         self._accounts = accounts or NoProvisioning()
@@ -60,13 +60,13 @@ class DeviceRegistry:
         them; only what this process noted is dropped (a node-scoped reset: the rows are theirs)."""
         self._presence = {}
         if every_device:
-            await repo.mark_all_offline()
+            await self._store.repo.mark_all_offline()
 
     async def flush_presence(self) -> int:
         pending, self._presence = self._presence, {}
         if pending:
             try:
-                await repo.save_presence(pending)
+                await self._store.repo.save_presence(pending)
             except BaseException:
                 self._presence = {**pending, **self._presence}  # written next time
                 raise
@@ -100,7 +100,7 @@ class DeviceRegistry:
 
     async def warm_login_cache(self) -> int:
         deletions = self._deletions
-        cache = {device.name: device.password_hash for device in await repo.list_devices()}
+        cache = {device.name: device.password_hash for device in await self._store.repo.list_devices()}
         # Another node's deletion or password change heard while reading: not cached from a stale read.
         self._login_cache = cache if deletions == self._deletions else {}
         return len(self._login_cache)
@@ -123,15 +123,15 @@ class DeviceRegistry:
             raise Conflict("参数无效: the same deviceName is given twice")
         hashes = {device.name: credentials.hash_secret(device.password) for device in new}
         try:
-            await repo.insert_devices((d.name, d.product_id, hashes[d.name]) for d in new)
-        except repo.Duplicate as exc:
+            await self._store.repo.insert_devices((d.name, d.product_id, hashes[d.name]) for d in new)
+        except Duplicate as exc:
             raise Conflict(f"参数无效: device already exists: {exc}") from None
         try:
             # After the insert: a duplicate must not touch the existing device's broker account.
             await self._accounts.provision([(device.name, device.password) for device in new])
         except BaseException:
             for device in new:  # all or nothing: the devices the broker would refuse are not kept
-                await repo.delete_device(device.name)
+                await self._store.repo.delete_device(device.name)
             raise
         self._login_cache.update(hashes)
         return new
@@ -140,14 +140,14 @@ class DeviceRegistry:
         """New passwords for the named devices (every device when None), stored hashed and pushed
         to the broker's accounts first; returns each new password once."""
         if names is None:
-            devices = await repo.list_devices()
+            devices = await self._store.repo.list_devices()
         else:
             devices = [await self.get(name) for name in names]
         new = [NewDevice(device.name, device.product_id, credentials.new_secret()) for device in devices]
         hashes = {device.name: credentials.hash_secret(device.password) for device in new}
         # The broker first: if it fails, the stored passwords (which devices use now) are unchanged.
         await self._accounts.provision([(device.name, device.password) for device in new])
-        await device_passwords.set_password_hashes(hashes)
+        await self._store.device_passwords.set_password_hashes(hashes)
         self._deletions += 1  # a login lookup in flight must not cache the old hash
         for name, hashed in hashes.items():
             self._login_cache[name] = hashed
@@ -155,13 +155,13 @@ class DeviceRegistry:
         return new
 
     async def get(self, name: str) -> DeviceRecord:
-        device = await repo.find_device(check_device_name(name))
+        device = await self._store.repo.find_device(check_device_name(name))
         if device is None:
             raise NotFound(f"参数无效: no device named '{name}'")
         return device
 
     async def list(self) -> list[DeviceRecord]:
-        devices = await repo.list_devices()
+        devices = await self._store.repo.list_devices()
         if not self._presence:
             return devices
         return [replace(d, online=self._presence[d.name][0], last_seen=self._presence[d.name][1])
@@ -171,7 +171,7 @@ class DeviceRegistry:
         name = check_device_name(name)
         # The broker account first: if it stays, so does the device, and a retry deletes both.
         await self._accounts.revoke(name)
-        deleted = await repo.delete_device(name)
+        deleted = await self._store.repo.delete_device(name)
         self._deletions += 1
         self._login_cache.pop(name, None)
         for listener in self._delete_listeners:
@@ -185,7 +185,7 @@ class DeviceRegistry:
         """True when ``name`` is a registered device (a client certificate names it)."""
         if not DEVICE_NAME.fullmatch(name):
             return False
-        return name in self._login_cache or await repo.find_device(name) is not None
+        return name in self._login_cache or await self._store.repo.find_device(name) is not None
 
     async def check_mqtt_login(self, username: str | None, password: str | bytes | None) -> bool:
         """True when ``username`` is a registered device and ``password`` is its password."""
@@ -196,7 +196,7 @@ class DeviceRegistry:
         stored = self._login_cache.get(username)
         if stored is None:
             deletions = self._deletions
-            device = await repo.find_device(username)
+            device = await self._store.repo.find_device(username)
             if device is None:
                 return False
             stored = device.password_hash
@@ -205,7 +205,7 @@ class DeviceRegistry:
         elif not credentials.secret_matches(password, stored):
             # A wrong password against the cache: read once more, so a password reset by
             # `otad device reset-password` in another process is honoured at once.
-            device = await repo.find_device(username)
+            device = await self._store.repo.find_device(username)
             if device is None or device.password_hash == stored:
                 return False
             stored = self._login_cache[username] = device.password_hash

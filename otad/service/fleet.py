@@ -1,5 +1,5 @@
 """The fleet at a glance and devices found by what they are: the dashboard's read side. Every
-answer is counted or paged by the database (``otad.store.fleet``)."""
+answer is counted or paged by the database (the store's ``fleet`` queries)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from typing import Any
 from otad.errors import InvalidInput
 from otad.service.campaigns import Campaigns, CampaignStatus
 from otad.service.devices import DeviceRegistry
-from otad.service.states import LIVE_CAMPAIGN_STATES, OPEN_STATES, UpgradeState
+from otad.model import (LIVE_CAMPAIGN_STATES, OPEN_STATES, UNKNOWN_VERSION, DeviceRecord, PassivePinRecord,
+                        ProductCount, UpgradeEventRecord, UpgradeRecord, UpgradeState, VersionCount)
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import parse_int
-from otad.store import fleet, repo
-from otad.store.fleet import UNKNOWN_VERSION, ProductCount, VersionCount
-from otad.store.records import DeviceRecord, PassivePinRecord, UpgradeEventRecord, UpgradeRecord
 
 __all__ = ["DevicePage", "Fleet", "Overview", "ProductCount", "UNKNOWN_VERSION", "VersionCount"]
 
@@ -63,7 +61,8 @@ def _online_filter(raw: object) -> bool | None:
 
 
 class Fleet:
-    def __init__(self, devices: DeviceRegistry, upgrades: UpgradeService, campaigns: Campaigns) -> None:
+    def __init__(self, store, devices: DeviceRegistry, upgrades: UpgradeService, campaigns: Campaigns) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._devices = devices
         self._upgrades = upgrades
         self._campaigns = campaigns
@@ -73,14 +72,15 @@ class Fleet:
         campaigns = [await self._campaigns.status(campaign.id) for campaign in await self._campaigns.list()
                      if campaign.state in LIVE_CAMPAIGN_STATES]
         counts = await self._upgrades.counts_by_state()
-        return Overview(products=await fleet.devices_per_product(), versions=await fleet.firmware_versions(VERSIONS_SHOWN),
+        return Overview(products=await self._store.fleet.devices_per_product(),
+                        versions=await self._store.fleet.firmware_versions(VERSIONS_SHOWN),
                         upgrades={state: counts.get(state, 0) for state in UpgradeState}, campaigns=campaigns)
 
     async def live_summary(self, changed_campaigns: set[int]) -> dict[str, Any]:
         """What a live screen shows beside the changes: fleet counts and the progress of the
         campaigns that moved."""
         await self._devices.flush_presence()
-        products = await fleet.devices_per_product()
+        products = await self._store.fleet.devices_per_product()
         counts = await self._upgrades.counts_by_state()
         campaigns = {}
         for campaign_id in sorted(changed_campaigns):
@@ -106,14 +106,14 @@ class Fleet:
         size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
         product = None if product_id in (None, "") else parse_int(product_id, "productId")
         await self._devices.flush_presence()
-        items, total = await fleet.search_devices(
+        items, total = await self._store.fleet.search_devices(
             text=(text or "").strip()[:128] or None, product_id=product, online=_online_filter(online),
             version=None if version is None else str(version)[:128], offset=(number - 1) * size, limit=size)
-        open_upgrades = await fleet.open_upgrade_versions([device.name for device in items], list(OPEN_STATES))
+        open_upgrades = await self._store.fleet.open_upgrade_versions([device.name for device in items], list(OPEN_STATES))
         return DevicePage(items=items, open_upgrades=open_upgrades, total=total, page=number, page_size=size)
 
     async def product_ids(self) -> list[int]:
-        return await fleet.product_ids()
+        return await self._store.fleet.product_ids()
 
     async def device(self, name: object) -> DeviceRecord:
         """One device as it is now (connects of the last seconds included); NotFound if unknown."""
@@ -122,9 +122,9 @@ class Fleet:
 
     async def timelines(self, upgrades: list[UpgradeRecord]) -> dict[str, list[UpgradeEventRecord]]:
         """upgrade version -> its whole timeline, for the upgrades of one page (one query)."""
-        by_id = await fleet.upgrade_timelines([upgrade.id for upgrade in upgrades])
+        by_id = await self._store.fleet.upgrade_timelines([upgrade.id for upgrade in upgrades])
         return {upgrade.version: by_id[upgrade.id] for upgrade in upgrades}
 
     async def passive_pin_of(self, device_name: str) -> PassivePinRecord | None:
         """The passive package pinned for the device, if any (a read; the poll cache is the pins')."""
-        return await repo.find_passive_pin(device_name)
+        return await self._store.repo.find_passive_pin(device_name)

@@ -5,21 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from otad.store import repo
 
 # The parts /healthz names when they fail.
 DATABASE = "database"
 FIRMWARE = "firmware"
-
-
-async def database_alive() -> bool:
-    """True when a trivial query answers."""
-    return await repo.database_alive()
-
-
-async def probe_database() -> None:
-    """A small write, committed; raises StorageUnavailable while the database cannot take one."""
-    await repo.probe_write()
 
 
 class StorageHealth:
@@ -32,10 +21,19 @@ class StorageHealth:
 
     PROBE_AFTER = 3.0  # seconds without a writer's failure before a probe may clear a part
 
-    def __init__(self) -> None:
+    def __init__(self, store) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._problems: dict[str, str] = {}
         self._failed_at: dict[str, float] = {}
         self._probes: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    async def database_alive(self) -> bool:
+        """True when a trivial query answers."""
+        return await self._store.repo.database_alive()
+
+    async def probe_database(self) -> None:
+        """A small write, committed; raises StorageUnavailable while the database cannot take one."""
+        await self._store.repo.probe_write()
 
     def add_probe(self, part: str, probe: Callable[[], Awaitable[None]]) -> None:
         """``probe()`` makes a small durable write to ``part`` and raises if it cannot."""

@@ -8,18 +8,17 @@ from collections.abc import AsyncIterator, Callable
 from otad.errors import Conflict, NotFound, StillReferenced, StorageUnavailable
 from otad.service.health import DATABASE, FIRMWARE, StorageHealth
 from otad.firmware import FirmwareStore
-from otad.service.states import LIVE_CAMPAIGN_STATES, UpgradeState
+from otad.model import LIVE_CAMPAIGN_STATES, Duplicate, PackageRecord, StillUsed, UpgradeState
 from otad.service.upgrades import UpgradeService
 from otad.service.validation import check_package_name, optional_text, parse_int, safe_text
-from otad.store import repo
-from otad.store.records import PackageRecord
 
 log = logging.getLogger(__name__)
 
 
 class PackageCatalog:
-    def __init__(self, firmware: FirmwareStore, upgrades: UpgradeService, max_upload_size: int,
+    def __init__(self, store, firmware: FirmwareStore, upgrades: UpgradeService, max_upload_size: int,
                  health: StorageHealth) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._firmware = firmware
         self._upgrades = upgrades
         self._health = health
@@ -37,7 +36,7 @@ class PackageCatalog:
     async def check_new(self, name: object, product_id: object) -> tuple[str, int]:
         """Validate an upload's parameters before its body is read, so a bad one costs nothing."""
         name, product_id = check_package_name(name), parse_int(product_id, "productId")
-        if await repo.find_package(product_id, name) is not None:
+        if await self._store.repo.find_package(product_id, name) is not None:
             raise Conflict(f"参数无效: product {product_id} already has a package named '{name}'")
         return name, product_id
 
@@ -56,12 +55,12 @@ class PackageCatalog:
             raise
         self._health.ok(FIRMWARE)
         try:
-            package = await repo.insert_package(
+            package = await self._store.repo.insert_package(
                 product_id=product_id, name=name, file_name=stored.file_name,
                 original_name=safe_text(original_name or stored.file_name, 255), size=stored.size, md5=stored.md5,
                 sha256=stored.sha256, version=version, description=description,
             )
-        except repo.Duplicate:
+        except Duplicate:
             await self._firmware.discard(stored.file_name)
             raise Conflict(f"参数无效: product {product_id} already has a package named '{name}'") from None
         except BaseException as exc:
@@ -74,7 +73,7 @@ class PackageCatalog:
         return package
 
     async def list(self) -> list[PackageRecord]:
-        return await repo.list_packages()
+        return await self._store.repo.list_packages()
 
     def on_delete(self, listener: Callable[[str], object]) -> None:
         """Call ``listener(file_name)`` after a package was deleted here (the other nodes' caches)."""
@@ -92,7 +91,7 @@ class PackageCatalog:
         package = self._by_file.get(file_name)
         if package is None:
             deletions = self._deletions
-            package = await repo.find_package_by_file(file_name)
+            package = await self._store.repo.find_package_by_file(file_name)
             if package is not None and deletions == self._deletions:
                 self._by_file[file_name] = package
         return package
@@ -100,18 +99,18 @@ class PackageCatalog:
     async def delete(self, raw_id: object) -> None:
         """Delete a package and its file; upgrades still pointing at it are cancelled."""
         package_id = parse_int(raw_id, "id")
-        package = await repo.find_package_by_id(package_id)
+        package = await self._store.repo.find_package_by_id(package_id)
         if package is None:
             raise NotFound(f"参数无效: no package with id {package_id}")
-        users = await repo.package_users(package.id, LIVE_CAMPAIGN_STATES)
+        users = await self._store.repo.package_users(package.id, LIVE_CAMPAIGN_STATES)
         if users:
             raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
         in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
         cancelled = await self._upgrades.end_open(state=UpgradeState.CANCELLED, detail="package deleted",
                                                   package_id=package.id)
         try:
-            await repo.delete_package(package.id)
-        except repo.StillUsed:
+            await self._store.repo.delete_package(package.id)
+        except StillUsed:
             raise in_use from None
         self.forget(package.file_name)
         for listener in self._delete_listeners:

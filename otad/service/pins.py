@@ -7,12 +7,12 @@ from collections.abc import Callable
 from otad.errors import InvalidInput, NotFound
 from otad.service.devices import DeviceRegistry
 from otad.service.validation import check_package_name, optional_text, parse_int, required_text
-from otad.store import repo
-from otad.store.records import PassivePinRecord
+from otad.model import PassivePinRecord
 
 
 class PassivePins:
-    def __init__(self, devices: DeviceRegistry) -> None:
+    def __init__(self, store, devices: DeviceRegistry) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._devices = devices
         # Device name -> its pin, for the poll devices repeat all day. Filled on a poll, dropped on
         # every change that could alter an answer: a pin saved or deleted, or the device deleted.
@@ -47,10 +47,10 @@ class PassivePins:
         name = check_package_name(body.get("name"))
         version_name = required_text(body.get("versionName"), "versionName", 128)
         description = optional_text(body.get("description"), "description", 4096)
-        package = await repo.find_package(device.product_id, name)
+        package = await self._store.repo.find_package(device.product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
-        saved = await repo.save_passive_pin(device.id, package.id, version_name, description)
+        saved = await self._store.repo.save_passive_pin(device.id, package.id, version_name, description)
         self._changed(device.name)
         return saved
 
@@ -60,7 +60,7 @@ class PassivePins:
             return cached
         changes = self._changes
         device = await self._devices.get(device_name)
-        pin = await repo.find_passive_pin(device.name)
+        pin = await self._store.repo.find_passive_pin(device.name)
         if pin is None:
             raise NotFound(f"参数无效: no passive upgrade is set for device '{device.name}'")
         if changes == self._changes:
@@ -68,10 +68,10 @@ class PassivePins:
         return pin
 
     async def list(self) -> list[PassivePinRecord]:
-        return await repo.list_passive_pins()
+        return await self._store.repo.list_passive_pins()
 
     async def delete(self, raw_id: object) -> None:
         pin_id = parse_int(raw_id, "id")
-        if not await repo.delete_passive_pin(pin_id):
+        if not await self._store.repo.delete_passive_pin(pin_id):
             raise NotFound(f"参数无效: no passive pin with id {pin_id}")
         self._changed(None)  # pins are few and rarely deleted; no need to find the device

@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from otad.service.logs import RateLimitedLog
-from otad.service.states import REPORTED_STATES, TERMINAL_STATES, UpgradeState, next_state
+from otad.model import (MAX_VERSION_TEXT, REPORTED_STATES, TERMINAL_STATES, FoldedEvent, NewEvent, ReportTarget,
+                        ReportWrites, UpgradeState, UpgradeWrite, next_state)
 from otad.service.upgrades import UpgradeChange, UpgradeService
 from otad.service.validation import is_clean_text
-from otad.store import report_writes
-from otad.store.records import MAX_VERSION_TEXT
-from otad.store.report_writes import FoldedEvent, NewEvent, ReportTarget, ReportWrites, UpgradeWrite
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +115,8 @@ class _Working:
 
 
 class Reports:
-    def __init__(self, upgrades: UpgradeService, timeline_limit: int = 100) -> None:
+    def __init__(self, store, upgrades: UpgradeService, timeline_limit: int = 100) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._upgrades = upgrades
         self._timeline_limit = max(1, timeline_limit)
         self._refusals = RateLimitedLog(log, "OTA reports refused")
@@ -140,9 +139,9 @@ class Reports:
                 parsed.append(self._refuse(device_name, refused.version, refused.why))
         reports = [report for report in parsed if isinstance(report, Report)]
         for _ in range(_RACE_RETRIES):
-            targets = await report_writes.load_report_targets(report.version for report in reports)
+            targets = await self._store.report_writes.load_report_targets(report.version for report in reports)
             replies, writes, changes = await self._plan(reports, targets)
-            if not writes or await report_writes.apply_report_writes(writes):
+            if not writes or await self._store.report_writes.apply_report_writes(writes):
                 break
             # Another writer moved one of these upgrades between the read and the write: read again.
         else:

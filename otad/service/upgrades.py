@@ -16,11 +16,9 @@ from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.clock import utc_now
 from otad.service.devices import DeviceRegistry
 from otad.service.ports import Publisher
-from otad.service.states import OPEN_STATES, TERMINAL_STATES, UpgradeState
+from otad.model import (OPEN_STATES, TERMINAL_STATES, NewUpgrade, PackageRecord, UpgradeEventRecord, UpgradeRecord,
+                        UpgradeState)
 from otad.service.validation import check_device_name, check_package_name, parse_int
-from otad.store import repo, rollouts
-from otad.store.rollouts import NewUpgrade
-from otad.store.records import PackageRecord, UpgradeEventRecord, UpgradeRecord
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +75,9 @@ class UpgradePage:
 
 
 class UpgradeService:
-    def __init__(self, devices: DeviceRegistry, publisher: Publisher, default_timeout: float,
+    def __init__(self, store, devices: DeviceRegistry, publisher: Publisher, default_timeout: float,
                  clock: Callable[[], datetime] = utc_now) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._devices = devices
         self._publisher = publisher
         self._default_timeout = default_timeout
@@ -91,7 +90,7 @@ class UpgradeService:
         """Send package ``name`` of the device's product to the device, superseding earlier upgrades."""
         name = check_package_name(name)
         device = await self._devices.get(device_name)  # validates the name, NotFound if unknown
-        package = await repo.find_package(device.product_id, name)
+        package = await self._store.repo.find_package(device.product_id, name)
         if package is None:
             raise NotFound(f"参数无效: product {device.product_id} has no package named '{name}'")
         seconds = self._default_timeout if timeout in (None, "") else parse_int(timeout, "timeout")
@@ -112,9 +111,9 @@ class UpgradeService:
         new = [NewUpgrade(version=str(uuid.uuid4()), device_id=r.device_id,
                           timeout_at=now + timedelta(seconds=timeout), stage=r.stage) for r in recipients]
         # Recorded before it is sent: if the process dies in between, the restart sends it.
-        superseded = await rollouts.record_upgrades(new, package=package, state=UpgradeState.CREATED, at=now,
-                                                    superseded_state=UpgradeState.SUPERSEDED,
-                                                    open_states=OPEN_STATES, campaign_id=campaign_id)
+        superseded = await self._store.rollouts.record_upgrades(new, package=package, state=UpgradeState.CREATED, at=now,
+                                                                superseded_state=UpgradeState.SUPERSEDED,
+                                                                open_states=OPEN_STATES, campaign_id=campaign_id)
         changes = [UpgradeChange(e.version, e.device_name, e.campaign_id, UpgradeState(e.state), UpgradeState.SUPERSEDED)
                    for e in superseded]
         started = []
@@ -124,8 +123,8 @@ class UpgradeService:
             started.append(EnabledUpgrade(version=item.version, device_name=recipient.device_name, package=package))
             changes.append(UpgradeChange(item.version, recipient.device_name, campaign_id, None, UpgradeState.NOTIFIED,
                                          stage=recipient.stage))
-        await rollouts.advance_upgrades([item.version for item in new], UpgradeState.CREATED, UpgradeState.NOTIFIED,
-                                        self.clock())
+        await self._store.rollouts.advance_upgrades([item.version for item in new], UpgradeState.CREATED,
+                                                    UpgradeState.NOTIFIED, self.clock())
         await self.changed(changes)
         for upgrade in started if len(started) <= 10 else started[:1]:
             log.info("upgrade %s: package %d '%s' sent to device %s%s", upgrade.version, package.id, package.name,
@@ -137,12 +136,12 @@ class UpgradeService:
 
     async def restore_pending(self) -> int:
         """Keep each device's latest open command again for its next subscribe (after a restart)."""
-        latest = {upgrade.device_name: upgrade for upgrade in await rollouts.open_upgrades(OPEN_STATES)}
+        latest = {upgrade.device_name: upgrade for upgrade in await self._store.rollouts.open_upgrades(OPEN_STATES)}
         for upgrade in latest.values():
             await self._publisher.keep_command(upgrade.device_name,
                                                ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
-        await rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED],
-                                        UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
+        await self._store.rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED],
+                                                    UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         return len(latest)
 
     # --- moving on ---
@@ -191,8 +190,9 @@ class UpgradeService:
                          message: str | None = None) -> bool:
         """Move ``upgrade`` to ``to_state`` (if nothing moved it meanwhile)."""
         finished = to_state in TERMINAL_STATES
-        moved = await rollouts.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(), source, detail,
-                                               progress=progress, message=message, finished=finished)
+        moved = await self._store.rollouts.advance_upgrade(upgrade.version, upgrade.state, to_state, self.clock(),
+                                                           source, detail, progress=progress, message=message,
+                                                           finished=finished)
         if moved:
             await self.changed([UpgradeChange(upgrade.version, upgrade.device_name, upgrade.campaign_id,
                                               UpgradeState(upgrade.state), to_state)])
@@ -201,8 +201,9 @@ class UpgradeService:
     async def end_open(self, *, state: UpgradeState, detail: str, package_id: int | None = None,
                        campaign_id: int | None = None) -> int:
         """End every open upgrade of a package or a campaign (its commands withdrawn)."""
-        ended = await rollouts.end_open_upgrades(open_states=OPEN_STATES, state=state, at=self.clock(), detail=detail,
-                                                 package_id=package_id, campaign_id=campaign_id)
+        ended = await self._store.rollouts.end_open_upgrades(open_states=OPEN_STATES, state=state, at=self.clock(),
+                                                             detail=detail, package_id=package_id,
+                                                             campaign_id=campaign_id)
         await self.changed([UpgradeChange(e.version, e.device_name, e.campaign_id, UpgradeState(e.state), state)
                             for e in ended])
         return len(ended)
@@ -220,7 +221,7 @@ class UpgradeService:
     async def expire_due(self) -> int:
         """Time out every open upgrade past its deadline; the timeout sweeper calls this."""
         expired = 0
-        for upgrade in await rollouts.due_upgrades(self.clock(), OPEN_STATES):
+        for upgrade in await self._store.rollouts.due_upgrades(self.clock(), OPEN_STATES):
             if await self.transition(upgrade, UpgradeState.TIMED_OUT, "timeout", "not finished in time"):
                 expired += 1
         return expired
@@ -230,7 +231,7 @@ class UpgradeService:
     async def get(self, version: object) -> UpgradeRecord:
         if not isinstance(version, str) or not _UPGRADE_ID.fullmatch(version):
             raise NotFound(f"参数无效: no upgrade {str(version)[:64]!r}")
-        upgrade = await rollouts.find_upgrade(version)
+        upgrade = await self._store.rollouts.find_upgrade(version)
         if upgrade is None:
             raise NotFound(f"参数无效: no upgrade {version}")
         return upgrade
@@ -239,7 +240,7 @@ class UpgradeService:
         """One page of an upgrade's timeline, oldest first (``MAX_PAGE_SIZE`` entries at most)."""
         number = 1 if page in (None, "") else min(max(parse_int(page, "timelinePage"), 1), 1_000_000)
         size = 100 if page_size in (None, "") else min(max(parse_int(page_size, "timelinePageSize"), 1), MAX_PAGE_SIZE)
-        items, total = await rollouts.upgrade_events(upgrade.id, (number - 1) * size, size)
+        items, total = await self._store.rollouts.upgrade_events(upgrade.id, (number - 1) * size, size)
         return TimelinePage(items=items, total=total, page=number, page_size=size)
 
     async def list(self, *, device_name: object = None, state: object = None, campaign: object = None,
@@ -250,12 +251,13 @@ class UpgradeService:
         page_number = 1 if page in (None, "") else min(max(parse_int(page, "page"), 1), 1_000_000)
         size = 50 if page_size in (None, "") else min(max(parse_int(page_size, "pageSize"), 1), MAX_PAGE_SIZE)
         campaign_id = None if campaign in (None, "") else parse_int(campaign, "campaign")
-        items, total = await rollouts.list_upgrades(device_name=device, state=state or None, campaign_id=campaign_id,
-                                                offset=(page_number - 1) * size, limit=size)
+        items, total = await self._store.rollouts.list_upgrades(device_name=device, state=state or None,
+                                                                campaign_id=campaign_id,
+                                                                offset=(page_number - 1) * size, limit=size)
         return UpgradePage(items=items, total=total, page=page_number, page_size=size)
 
     async def counts_by_state(self, campaign_id: int | None = None) -> dict[str, int]:
-        return await rollouts.count_upgrades_by_state(campaign_id)
+        return await self._store.rollouts.count_upgrades_by_state(campaign_id)
 
     async def open_upgrade_of(self, device_name: str) -> UpgradeRecord | None:
-        return await rollouts.open_upgrade_of(device_name, OPEN_STATES)
+        return await self._store.rollouts.open_upgrade_of(device_name, OPEN_STATES)

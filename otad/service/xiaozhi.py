@@ -24,9 +24,7 @@ from otad.service.logs import RateLimitedLog
 from otad.service.clock import utc_now
 from otad.service.validation import check_device_name, parse_int, safe_text
 from otad.service.versions import is_newer, parse_dotted
-from otad.store import activations, repo
-from otad.store.activations import Accepted, ActivationRecord, BoardClaim
-from otad.store.records import DeviceRecord, Inventory, PackageRecord, XiaozhiPinRecord
+from otad.model import Accepted, ActivationRecord, BoardClaim, DeviceRecord, Inventory, PackageRecord, XiaozhiPinRecord
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +124,9 @@ def _new_challenge() -> str:
 
 
 class XiaozhiBoards:
-    def __init__(self, default_product_id: int | None, now=utc_now, pending_limit: int | None = None,
+    def __init__(self, store, default_product_id: int | None, now=utc_now, pending_limit: int | None = None,
                  pending_ttl: timedelta = PENDING_TTL) -> None:
+        self._store = store  # the composition root's otad.store.store.Store
         self._default_product_id = default_product_id
         self._now = now
         self._pending_limit = PENDING_LIMIT if pending_limit is None else pending_limit
@@ -155,17 +154,17 @@ class XiaozhiBoards:
         force = body.get("force", False)
         if force not in (True, False, 0, 1):
             raise InvalidInput("参数无效: force must be true or false")
-        package = await repo.find_package_by_id(package_id)
+        package = await self._store.repo.find_package_by_id(package_id)
         if package is None or package.product_id != product_id:
             raise InvalidInput(f"参数无效: product {product_id} has no package with id {package_id}")
-        return await repo.save_xiaozhi_pin(product_id, package_id, raw_version, bool(force))
+        return await self._store.repo.save_xiaozhi_pin(product_id, package_id, raw_version, bool(force))
 
     async def list(self) -> list[XiaozhiPinRecord]:
-        return await repo.list_xiaozhi_pins()
+        return await self._store.repo.list_xiaozhi_pins()
 
     async def delete(self, raw_id: object) -> None:
         pin_id = parse_int(raw_id, "id")
-        if not await repo.delete_xiaozhi_pin(pin_id):
+        if not await self._store.repo.delete_xiaozhi_pin(pin_id):
             raise NotFound(f"参数无效: no xiaozhi pin with id {pin_id}")
 
     # --- admin: activation ---
@@ -177,8 +176,8 @@ class XiaozhiBoards:
         code = re.sub(r"\s", "", raw_code) if isinstance(raw_code, str) else ""
         if not _CODE.fullmatch(code):
             raise InvalidInput(f"参数无效: code must be the {CODE_DIGITS} digits the board shows")
-        accepted = await activations.accept(code, now=self._now(),
-                                            password_hash=credentials.hash_secret(credentials.new_secret()))
+        accepted = await self._store.activations.accept(code, now=self._now(),
+                                                        password_hash=credentials.hash_secret(credentials.new_secret()))
         if accepted is None:
             raise NotFound(f"参数无效: no board is waiting with code {code} (it may have expired; "
                            "the board shows a new one after its next check)")
@@ -188,7 +187,7 @@ class XiaozhiBoards:
 
     async def pending(self) -> list[ActivationRecord]:
         """Boards waiting for activation, oldest first (without their codes: see the module docstring)."""
-        return await activations.list_pending(self._now())
+        return await self._store.activations.list_pending(self._now())
 
     # --- the board: check and activate ---
 
@@ -197,16 +196,16 @@ class XiaozhiBoards:
         any other board gets an activation code instead."""
         name, client_id = _identify(check.device_id, check.client_id)
         current = _reported_version(check.body)
-        device = await activations.find_board(name, client_id)
+        device = await self._store.activations.find_board(name, client_id)
         if device is None:
             return await self._not_a_board(name, client_id, current, check)
-        await repo.save_inventory(device.id, _inventory(check, self._now()))
+        await self._store.repo.save_inventory(device.id, _inventory(check, self._now()))
         return await self._offer(device, current)
 
     async def board_activate(self, device_id: object, client_id: object, body: dict) -> bool:
         """The board's ``POST .../activate``: True once accepted, False while pending."""
         name, client = _identify(device_id, client_id)
-        claim = await activations.find_claim(name, client, self._now())
+        claim = await self._store.activations.find_claim(name, client, self._now())
         if claim is None:
             raise NotFound("参数无效: this board has no pending activation; it gets one with its next check")
         if claim.accepted:
@@ -219,7 +218,7 @@ class XiaozhiBoards:
 
     async def _offer(self, device: DeviceRecord, current: str) -> Offer:
         keep = Offer(version=current, package=None, force=False)
-        pin = await repo.find_xiaozhi_pin(device.product_id)
+        pin = await self._store.repo.find_xiaozhi_pin(device.product_id)
         if pin is None:
             return keep
         if pin.force:
@@ -238,7 +237,7 @@ class XiaozhiBoards:
         """A check from anything but an accepted board under its Client-Id changes nothing: it opens
         (or refreshes) a pending claim, or, with no product to join, gets no answer but its own version."""
         keep = Offer(version=current, package=None, force=False)
-        known = await repo.find_device(name)
+        known = await self._store.repo.find_device(name)
         product_id = known.product_id if known is not None else self._default_product_id
         if product_id is None:
             return keep  # boards are not enrolled here (no xiaozhi.default_product_id)
@@ -248,10 +247,10 @@ class XiaozhiBoards:
                            app_version=inventory.app_version, board_type=inventory.board_type)
         async with self._claims:
             now = self._now()
-            record = await activations.open_pending(claim, now=now, expires_at=now + self._pending_ttl,
-                                                    refresh_before=now - _REFRESH_EVERY,
-                                                    limit=self._pending_limit, new_code=_new_code,
-                                                    new_challenge=_new_challenge)
+            record = await self._store.activations.open_pending(claim, now=now, expires_at=now + self._pending_ttl,
+                                                                refresh_before=now - _REFRESH_EVERY,
+                                                                limit=self._pending_limit, new_code=_new_code,
+                                                                new_challenge=_new_challenge)
         if record is None:
             self._full.warning("(%d boards wait; the newest from %s not shown a code)", self._pending_limit,
                                inventory.remote_addr)

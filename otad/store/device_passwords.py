@@ -8,9 +8,12 @@ from otad.store.failures import translate_storage_errors
 from otad.store.models import Device
 
 
-@translate_storage_errors
-async def set_password_hashes(hashes: dict[str, str]) -> None:
-    """Give each named device its new hash, all or none."""
-    async with in_transaction():
-        for name, hashed in hashes.items():
-            await Device.filter(name=name).update(password_hash=hashed)
+class DevicePasswords:
+    """Devices' MQTT password hashes."""
+
+    @translate_storage_errors
+    async def set_password_hashes(self, hashes: dict[str, str]) -> None:
+        """Give each named device its new hash, all or none."""
+        async with in_transaction():
+            for name, hashed in hashes.items():
+                await Device.filter(name=name).update(password_hash=hashed)

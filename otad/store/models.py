@@ -6,7 +6,7 @@ from tortoise import fields
 from tortoise.indexes import Index
 from tortoise.models import Model
 
-from otad.store.records import MAX_VERSION_TEXT
+from otad.model import MAX_VERSION_TEXT
 
 
 class SchemaVersion(Model):

@@ -8,118 +8,16 @@ each covering every row of the batch (bench/report_ingest.py has the figures).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 
 from tortoise.transactions import in_transaction
 
 from otad.store.dialect import is_postgres, sql
 from otad.store.failures import translate_storage_errors
 from otad.store.models import Upgrade
+from otad.model import ReportTarget, ReportWrites, UpgradeWrite
 
 # Rows per statement: SQLite allows 32,766 bound values per statement; 7 per row stays far below.
 _ROWS_PER_STATEMENT = 500
-
-
-@dataclass
-class ReportTarget:
-    """An upgrade as a report finds it, with the tail of its timeline."""
-
-    id: int
-    version: str
-    device_id: int
-    device_name: str
-    state: str
-    progress: int | None
-    campaign_id: int | None
-    last_event_id: int | None = None
-    last_event_state: str | None = None
-    last_event_source: str | None = None
-    notes: int = 0  # timeline entries kept that did not change the state
-
-
-@dataclass(frozen=True)
-class UpgradeWrite:
-    """The net change of one upgrade in a batch: from the state it was read in to its final one."""
-
-    id: int
-    from_state: str
-    to_state: str
-    progress: int | None
-    message: str | None
-    finished_at: datetime | None
-    updated_at: datetime
-
-
-@dataclass
-class NewEvent:
-    upgrade_id: int
-    at: datetime
-    state: str
-    source: str
-    detail: str | None
-    changed: bool
-    count: int = 1
-    last_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class FoldedEvent:
-    """More reports of the same status folded into an existing entry."""
-
-    event_id: int
-    added: int
-    last_at: datetime
-    detail: str | None
-
-
-@dataclass
-class ReportWrites:
-    upgrades: list[UpgradeWrite] = field(default_factory=list)
-    new_events: list[NewEvent] = field(default_factory=list)
-    folded: dict[int, FoldedEvent] = field(default_factory=dict)  # by event id
-    trims: list[tuple[int, int]] = field(default_factory=list)  # (upgrade id, oldest notes to delete)
-    firmware: dict[int, str] = field(default_factory=dict)  # device id -> reported currentVersion
-
-    def __bool__(self) -> bool:
-        return bool(self.upgrades or self.new_events or self.folded or self.trims or self.firmware)
-
-
-@translate_storage_errors
-async def load_report_targets(versions: Iterable[str]) -> dict[str, ReportTarget]:
-    """The upgrades named by ``versions`` (those that exist), each with its last timeline entry
-    and how many entries it keeps that changed nothing: one query per chunk of the batch."""
-    wanted = list(set(versions))
-    targets: dict[str, ReportTarget] = {}
-    conn = Upgrade._meta.db  # the store's one connection, SQLite or PostgreSQL
-    for chunk in _chunks(wanted):
-        rows = await conn.execute_query_dict(sql(
-            conn, 'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
-            'u."campaign_id", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
-            '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND NOT n."changed") AS notes '
-            'FROM "upgrade" u JOIN "device" d ON d."id" = u."device_id" '
-            'LEFT JOIN "upgrade_event" e ON e."id" = '
-            '(SELECT MAX(m."id") FROM "upgrade_event" m WHERE m."upgrade_id" = u."id") '
-            f'WHERE u."version" IN ({", ".join("?" for _ in chunk)})'), list(chunk))
-        for row in rows:
-            targets[row["version"]] = ReportTarget(
-                id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device_name"],
-                state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"],
-                last_event_id=row["last_id"], last_event_state=row["last_state"],
-                last_event_source=row["last_source"], notes=row["notes"])
-    return targets
-
-
-@translate_storage_errors
-async def apply_report_writes(writes: ReportWrites) -> bool:
-    """Write a batch in one transaction. Each upgrade moves only from the state it was read in
-    (compare-and-set, counted): if another writer moved any of them meanwhile, nothing is written
-    and this returns False, for the caller to read again and re-plan."""
-    try:
-        await _write(writes)
-    except _LostRace:
-        return False
-    return True
 
 
 async def _write(writes: ReportWrites) -> None:
@@ -189,3 +87,42 @@ class _LostRace(Exception):
 def _chunks(items: Sequence) -> Iterable[Sequence]:
     for start in range(0, len(items), _ROWS_PER_STATEMENT):
         yield items[start:start + _ROWS_PER_STATEMENT]
+
+
+class ReportWriter:
+    """Device reports applied in batches."""
+
+    @translate_storage_errors
+    async def load_report_targets(self, versions: Iterable[str]) -> dict[str, ReportTarget]:
+        """The upgrades named by ``versions`` (those that exist), each with its last timeline entry
+        and how many entries it keeps that changed nothing: one query per chunk of the batch."""
+        wanted = list(set(versions))
+        targets: dict[str, ReportTarget] = {}
+        conn = Upgrade._meta.db  # the store's one connection, SQLite or PostgreSQL
+        for chunk in _chunks(wanted):
+            rows = await conn.execute_query_dict(sql(
+                conn, 'SELECT u."id", u."version", u."device_id", d."name" AS device_name, u."state", u."progress", '
+                'u."campaign_id", e."id" AS last_id, e."state" AS last_state, e."source" AS last_source, '
+                '(SELECT COUNT(*) FROM "upgrade_event" n WHERE n."upgrade_id" = u."id" AND NOT n."changed") AS notes '
+                'FROM "upgrade" u JOIN "device" d ON d."id" = u."device_id" '
+                'LEFT JOIN "upgrade_event" e ON e."id" = '
+                '(SELECT MAX(m."id") FROM "upgrade_event" m WHERE m."upgrade_id" = u."id") '
+                f'WHERE u."version" IN ({", ".join("?" for _ in chunk)})'), list(chunk))
+            for row in rows:
+                targets[row["version"]] = ReportTarget(
+                    id=row["id"], version=row["version"], device_id=row["device_id"], device_name=row["device_name"],
+                    state=row["state"], progress=row["progress"], campaign_id=row["campaign_id"],
+                    last_event_id=row["last_id"], last_event_state=row["last_state"],
+                    last_event_source=row["last_source"], notes=row["notes"])
+        return targets
+
+    @translate_storage_errors
+    async def apply_report_writes(self, writes: ReportWrites) -> bool:
+        """Write a batch in one transaction. Each upgrade moves only from the state it was read in
+        (compare-and-set, counted): if another writer moved any of them meanwhile, nothing is written
+        and this returns False, for the caller to read again and re-plan."""
+        try:
+            await _write(writes)
+        except _LostRace:
+            return False
+        return True

@@ -13,7 +13,7 @@ from aiohttp import web
 from otad.errors import InvalidInput, OtadError
 from otad.service import PackageRecord
 from otad.service.campaigns import FAILED, CampaignStatus
-from otad.service.states import OPEN_STATES, UpgradeState
+from otad.model import OPEN_STATES, UpgradeState
 from otad.web.keys import DASHBOARD
 from otad.web.render import render, see_other
 from otad.web.session import page

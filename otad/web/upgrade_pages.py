@@ -11,7 +11,7 @@ from aiohttp import web
 from yarl import URL
 
 from otad.errors import InvalidInput
-from otad.service.states import OPEN_STATES, UpgradeState
+from otad.model import OPEN_STATES, UpgradeState
 from otad.web.device_pages import device_path
 from otad.web.keys import DASHBOARD
 from otad.web.render import render, see_other
