@@ -45,10 +45,6 @@ class DevicePage:
     page: int
     page_size: int
 
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.page_size))
-
 
 def _online_filter(raw: object) -> bool | None:
     if raw in (None, "", "any"):

@@ -5,12 +5,13 @@ what an admin does to it (enable a package, pin a passive package, delete)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from aiohttp import web
 
 from otad.service.fleet import UNKNOWN_VERSION
 from otad.web.keys import DASHBOARD, OPERATOR
+from otad.web.paging import pager
 from otad.web.render import render, see_other
 from otad.web.session import page
 
@@ -48,10 +49,6 @@ def _filters(query: Mapping[str, str], version: str | None) -> dict[str, str]:
     return {key: value for key, value in filters.items() if value}
 
 
-def _page_link(filters: dict[str, str], number: int) -> str:
-    return "/devices?" + urlencode({**filters, "page": str(number)})
-
-
 @routes.get("/devices")
 @page
 async def devices(request: web.Request) -> web.Response:
@@ -64,8 +61,7 @@ async def devices(request: web.Request) -> web.Response:
     filters = _filters(query, version)
     products = await services.fleet.product_ids()
     return render(request, "devices.html", notices=NOTICES, found=found, filters=filters, products=products,
-                  prev_link=_page_link(filters, found.page - 1) if found.page > 1 else None,
-                  next_link=_page_link(filters, found.page + 1) if found.page < found.pages else None,
+                  pager=pager("/devices", filters, found.page, found.page_size, found.total),
                   pending=await services.xiaozhi.pending(), device_path=device_path)
 
 
@@ -89,13 +85,11 @@ async def device(request: web.Request) -> web.Response:
     packages = []
     if request[OPERATOR].can_change:  # the choice is only shown beside the forms an admin sees
         packages = [package for package in await services.packages.list() if package.product_id == found.product_id]
-    pages = max(1, -(-history.total // history.page_size))
     here = device_path(found.name)
     return render(request, "device.html", notices=NOTICES, device=found, history=history, timelines=timelines,
                   open_upgrade=await services.upgrades.open_upgrade_of(found.name), packages=packages,
-                  pin=await services.fleet.passive_pin_of(found.name), pages=pages, here=here,
-                  prev_link=f"{here}?page={history.page - 1}" if history.page > 1 else None,
-                  next_link=f"{here}?page={history.page + 1}" if history.page < pages else None)
+                  pin=await services.fleet.passive_pin_of(found.name), here=here,
+                  pager=pager(here, {}, history.page, history.page_size, history.total))
 
 
 @routes.post("/devices/{name}/enable")

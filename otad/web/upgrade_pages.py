@@ -4,8 +4,7 @@ and a cancel button per open upgrade; one upgrade's page with its timeline."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from aiohttp import web
 from yarl import URL
@@ -14,6 +13,7 @@ from otad.errors import InvalidInput
 from otad.model import OPEN_STATES, UpgradeState
 from otad.web.device_pages import device_path
 from otad.web.keys import DASHBOARD
+from otad.web.paging import pager
 from otad.web.render import render, see_other
 from otad.web.session import page
 
@@ -23,26 +23,6 @@ NOTICES = {"cancelled": "The upgrade is cancelled and its command withdrawn from
 # What the list's filter form and its pager links carry (query name: the service's argument).
 FILTERS = {"state": "state", "campaign": "campaign", "device": "device_name", "pageSize": "page_size"}
 TIMELINE_PAGE_SIZE = 50
-
-
-@dataclass(frozen=True)
-class Pager:
-    page: int
-    pages: int
-    total: int
-    prev_link: str | None
-    next_link: str | None
-
-
-def pager(path: str, params: Mapping[str, str], number: int, size: int, total: int) -> Pager:
-    """Page ``number`` of ``total`` items, ``size`` a page; the links keep ``params``."""
-    pages = max(1, -(-total // size))
-
-    def link(to: int) -> str:
-        return f"{path}?{urlencode({**params, 'page': str(to)})}"
-
-    return Pager(page=number, pages=pages, total=total, prev_link=link(number - 1) if number > 1 else None,
-                 next_link=link(number + 1) if number < pages else None)
 
 
 def upgrade_path(version: str) -> str:
