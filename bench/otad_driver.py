@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import rss_kb  # noqa: E402
 from otad.config import load_settings  # noqa: E402
 from otad.daemon import Daemon, tune_garbage_collector  # noqa: E402
-from otad.service.upgrades import ota_command  # noqa: E402
+from otad.service.offers import ota_command  # noqa: E402
 
 
 async def main() -> None:

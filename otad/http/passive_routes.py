@@ -10,7 +10,8 @@ from otad.http.auth import public
 from otad.http.envelope import ok, read_json
 from otad.http.keys import SERVICES, SETTINGS
 from otad.http.urls import download_path
-from otad.http.views import passive_pin_saved_view, passive_pin_view, passive_poll_view
+from otad.http.views import passive_pin_saved_view, passive_pin_view
+from otad.service.offers import URL
 
 routes = web.RouteTableDef()
 
@@ -32,9 +33,9 @@ async def unpin(request: web.Request) -> web.Response:
     return ok()
 
 
-# device -> (the pin it was rendered from, the reply before and after the download base). Devices
-# poll all day and the answer only changes with the pin, which the service hands out as the same
-# object until then. Keyed only by what the server controls: an existing device with a pin (so no
+# device -> (the offer it was rendered from, the reply before and after the download base). Devices
+# poll all day and the answer only changes with the offer (a new pin, a signature about to expire),
+# which the service hands out as the same object until then. Keyed only by what the server controls: an existing device with a pin (so no
 # bigger than the registry); the base, which may come from the client's Host header, is put in
 # per request.
 POLL_REPLIES = web.AppKey("poll_replies", dict)
@@ -45,13 +46,13 @@ _MARK_JSON = json.dumps(_MARK)[1:-1].encode()  # how it appears in the rendered 
 @routes.get("/api/v2/otaPassiveEnable")
 @public
 async def poll(request: web.Request) -> web.Response:
-    pin = await request.app[SERVICES].passive.for_device(request.rel_url.query.get("deviceName"))
+    offer = await request.app[SERVICES].passive.offer(request.rel_url.query.get("deviceName"))
     replies = request.app[POLL_REPLIES]
-    cached = replies.get(pin.device_name)
-    if cached is None or cached[0] is not pin:
-        body = ok(passive_poll_view(pin, _MARK + download_path(pin.package.file_name))).body
+    cached = replies.get(offer.device_name)
+    if cached is None or cached[0] is not offer:
+        body = ok({**offer.fields, URL: _MARK + download_path(offer.fields["fileName"])}).body
         head, _, tail = body.partition(_MARK_JSON)
-        cached = replies[pin.device_name] = (pin, head, tail)
+        cached = replies[offer.device_name] = (offer, head, tail)
     public_url = request.app[SETTINGS].public_url
     base = public_url or f"{request.scheme}://{request.host}"
     body = cached[1] + json.dumps(base, ensure_ascii=False)[1:-1].encode() + cached[2]

@@ -69,13 +69,6 @@ def passive_pin_view(pin: PassivePinRecord) -> dict[str, Any]:
     return {**passive_pin_saved_view(pin), "otaName": pin.package.name, "deviceName": pin.device_name}
 
 
-def passive_poll_view(pin: PassivePinRecord, url: str) -> dict[str, Any]:
-    """What a polling device reads: the seed's four keys first, then extras old devices ignore."""
-    package = pin.package
-    return {"fileName": package.file_name, "version": pin.version_name, "md5": package.md5,
-            "description": pin.description, "sha256": package.sha256, "size": package.size, "url": url}
-
-
 def xiaozhi_pin_saved_view(pin: XiaozhiPinRecord) -> dict[str, Any]:
     return {"id": pin.id, "otaId": pin.package.id, "productId": pin.product_id, "versionName": pin.version_name,
             "force": pin.force}

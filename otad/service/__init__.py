@@ -15,6 +15,7 @@ from otad.service.health import StorageHealth
 from otad.service.ingest import ReportIngest
 from otad.service.live import LiveFeed
 from otad.service.login_guard import DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, LoginGuard
+from otad.service.offers import Offers
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
@@ -47,6 +48,7 @@ class Services:
     firmware: FirmwareStore
     fleet: Fleet
     live: LiveFeed
+    offers: Offers  # what commands and passive replies say beyond the seed's keys
 
 
 def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
@@ -57,7 +59,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     """``store`` is the composition root's ``otad.store.store.Store``: each use case keeps it and
     reaches the database only through it."""
     devices = DeviceRegistry(store, publisher, accounts)
-    upgrades = UpgradeService(store, devices, publisher, upgrade_timeout, clock)
+    offers = Offers()  # the composition root adds the optional parts (deltas, signatures)
+    upgrades = UpgradeService(store, devices, publisher, upgrade_timeout, clock, offers)
     health = StorageHealth(store)
     reports = Reports(store, upgrades, timeline_limit)
     campaigns = Campaigns(store, upgrades, devices, upgrade_timeout)
@@ -75,9 +78,10 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
         reports=reports,
         ingest=ReportIngest(reports, health),
         health=health,
-        passive=PassivePins(store, devices),
+        passive=PassivePins(store, devices, offers, clock),
         xiaozhi=XiaozhiBoards(store, xiaozhi_default_product_id),
         firmware=firmware,
         fleet=fleet,
         live=live,
+        offers=offers,
     )

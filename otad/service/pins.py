@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from otad.errors import InvalidInput, NotFound
+from otad.service.clock import utc_now
 from otad.service.devices import DeviceRegistry
+from otad.service.offers import Offer, Offers
 from otad.service.validation import check_package_name, optional_text, parse_int, required_text
 from otad.model import PassivePinRecord
 
 
 class PassivePins:
-    def __init__(self, store, devices: DeviceRegistry) -> None:
+    def __init__(self, store, devices: DeviceRegistry, offers: Offers | None = None,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self._store = store  # the composition root's otad.store.store.Store
         self._devices = devices
+        self._offers = offers or Offers()
+        self._clock = clock
+        # Device name -> (the pin, the offer built from it): rebuilt when the pin changes or the offer
+        # is about to expire (a signed one carries an expiry).
+        self._offer_cache: dict[str, tuple[PassivePinRecord, Offer]] = {}
         # Device name -> its pin, for the poll devices repeat all day. Filled on a poll, dropped on
         # every change that could alter an answer: a pin saved or deleted, or the device deleted.
         self._poll_cache: dict[str, PassivePinRecord] = {}
@@ -31,8 +40,10 @@ class PassivePins:
         self._changes += 1
         if device_name is None:
             self._poll_cache.clear()
+            self._offer_cache.clear()
         else:
             self._poll_cache.pop(device_name, None)
+            self._offer_cache.pop(device_name, None)
 
     def _changed(self, device_name: str | None) -> None:
         self.forget(device_name)
@@ -66,6 +77,21 @@ class PassivePins:
         if changes == self._changes:
             self._poll_cache[device.name] = pin
         return pin
+
+    async def offer(self, device_name: object) -> Offer:
+        """The reply a polling device reads (its ``url`` left to the transport); the same object
+        until it would change, so a transport may cache what it rendered from it."""
+        pin = await self.for_device(device_name)
+        cached = self._offer_cache.get(pin.device_name)
+        if cached is not None and cached[0] is pin and not self._expiring(cached[1]):
+            return cached[1]
+        offer = await self._offers.passive(pin)
+        self._offer_cache[pin.device_name] = (pin, offer)  # as bounded as the pins: one per device with one
+        return offer
+
+    def _expiring(self, offer: Offer) -> bool:
+        """Rebuilt in its last minute, so no device reads one that expires before it acts on it."""
+        return offer.expires_at is not None and offer.expires_at - self._clock() < timedelta(minutes=1)
 
     async def list(self) -> list[PassivePinRecord]:
         return await self._store.repo.list_passive_pins()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
@@ -15,6 +14,7 @@ from datetime import datetime, timedelta
 from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.clock import utc_now
 from otad.service.devices import DeviceRegistry
+from otad.service.offers import Offers, ota_command
 from otad.service.ports import Publisher
 from otad.model import (OPEN_STATES, TERMINAL_STATES, NewUpgrade, PackageRecord, UpgradeEventRecord, UpgradeRecord,
                         UpgradeState)
@@ -25,11 +25,6 @@ log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 500
 _MAX_TIMEOUT = 10 * 365 * 24 * 3600
 _UPGRADE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def ota_command(file_name: str, version: str, md5: str) -> bytes:
-    """The command devices already parse: compact JSON, keys in exactly this order."""
-    return json.dumps({"fileName": file_name, "version": version, "md5": md5}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -76,8 +71,9 @@ class UpgradePage:
 
 class UpgradeService:
     def __init__(self, store, devices: DeviceRegistry, publisher: Publisher, default_timeout: float,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, offers: Offers | None = None) -> None:
         self._store = store  # the composition root's otad.store.store.Store
+        self.offers = offers or Offers()  # what each command says beyond the seed's keys
         self._devices = devices
         self._publisher = publisher
         self._default_timeout = default_timeout
@@ -117,9 +113,10 @@ class UpgradeService:
         changes = [UpgradeChange(e.version, e.device_name, e.campaign_id, UpgradeState(e.state), UpgradeState.SUPERSEDED)
                    for e in superseded]
         started = []
-        for recipient, item in zip(recipients, new):
-            await self._publisher.send_command(recipient.device_name,
-                                               ota_command(package.file_name, item.version, package.md5))
+        commands = await self.offers.commands(package, [(r.device_name, item.version, item.timeout_at)
+                                                        for r, item in zip(recipients, new)])
+        for recipient, item, command in zip(recipients, new, commands):
+            await self._publisher.send_command(recipient.device_name, command)
             started.append(EnabledUpgrade(version=item.version, device_name=recipient.device_name, package=package))
             changes.append(UpgradeChange(item.version, recipient.device_name, campaign_id, None, UpgradeState.NOTIFIED,
                                          stage=recipient.stage))
@@ -137,9 +134,18 @@ class UpgradeService:
     async def restore_pending(self) -> int:
         """Keep each device's latest open command again for its next subscribe (after a restart)."""
         latest = {upgrade.device_name: upgrade for upgrade in await self._store.rollouts.open_upgrades(OPEN_STATES)}
+        by_package: dict[int | None, list[UpgradeRecord]] = {}
         for upgrade in latest.values():
-            await self._publisher.keep_command(upgrade.device_name,
-                                               ota_command(upgrade.file_name, upgrade.version, upgrade.md5))
+            by_package.setdefault(upgrade.package_id, []).append(upgrade)
+        for package_id, upgrades in by_package.items():
+            package = await self._store.repo.find_package_by_id(package_id) if package_id is not None else None
+            if package is None:  # its package is gone: the seed's keys are all there is to say
+                commands = [ota_command(u.file_name, u.version, u.md5) for u in upgrades]
+            else:
+                commands = await self.offers.commands(package, [(u.device_name, u.version, u.timeout_at)
+                                                                for u in upgrades])
+            for upgrade, command in zip(upgrades, commands):
+                await self._publisher.keep_command(upgrade.device_name, command)
         await self._store.rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED],
                                                     UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
         return len(latest)
