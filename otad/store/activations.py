@@ -12,6 +12,7 @@ from tortoise.transactions import in_transaction
 from otad.store.repo import Repo
 from otad.store.failures import translate_storage_errors
 from otad.store.models import Device, XiaozhiActivation
+from otad.store.transactions import shielded
 from otad.model import Accepted, ActivationRecord, BoardClaim, DeviceRecord
 
 
@@ -49,6 +50,7 @@ class Activations:
         return device if device is not None and device.id == row.device_id else None
 
     @translate_storage_errors
+    @shielded
     async def open_pending(self, claim: BoardClaim, *, now: datetime, expires_at: datetime, refresh_before: datetime,
                            limit: int, new_code: Callable[[], str], new_challenge: Callable[[], str]
                            ) -> ActivationRecord | None:
@@ -94,6 +96,7 @@ class Activations:
         return [_record(row, row.device_name in names) for row in rows]
 
     @translate_storage_errors
+    @shielded
     async def accept(self, code: str, *, now: datetime, password_hash: str) -> Accepted | None:
         """Accept the live pending claim shown ``code``: the board's name becomes (or already is) a
         device, bound to the claim's Client-Id; every other claim to that name is dropped. None if no

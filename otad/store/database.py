@@ -16,7 +16,7 @@ from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext
 from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
 
-from otad.store import legacy_schema
+from otad.store import legacy_schema, transactions
 from otad.store.dialect import is_postgres
 from otad.store.models import SchemaVersion
 
@@ -95,6 +95,7 @@ class Database:
         if self._context is None:
             return
         context, self._context = self._context, None
+        await transactions.drain()  # writes whose callers were cancelled (a stopping daemon's tasks) end first
         await context.close_connections()
         try:
             context.__exit__(None, None, None)

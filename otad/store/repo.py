@@ -17,6 +17,7 @@ from tortoise.transactions import in_transaction
 from otad.store.dialect import sql
 from otad.store.failures import translate_storage_errors
 from otad.store.models import SchemaVersion, ApiToken, Campaign, Device, Package, PassivePin, User, XiaozhiPin
+from otad.store.transactions import shielded
 from otad.model import (DeviceRecord, Duplicate, Inventory, PackageRecord, PassivePinRecord, StillUsed, TokenRecord,
                         UserRecord, XiaozhiPinRecord)
 
@@ -119,6 +120,7 @@ class Repo:
     async def list_users(self) -> list[UserRecord]:
         return [_user(row) for row in await User.all().order_by("username")]
 
+    @shielded
     async def set_user_password(self, username: str, password_hash: str, token_prefix: str) -> int | None:
         """Replace a user's password hash and delete the login tokens named ``token_prefix...`` in one
         transaction; the number of tokens deleted, or None if there is no such user."""
@@ -127,6 +129,7 @@ class Repo:
                 return None
             return await _delete_login_tokens(token_prefix)
 
+    @shielded
     async def delete_user(self, username: str, token_prefix: str) -> int | None:
         """Delete a user and the login tokens named ``token_prefix...`` in one transaction; the number
         of tokens deleted, or None if there is no such user."""
@@ -135,6 +138,7 @@ class Repo:
                 return None
             return await _delete_login_tokens(token_prefix)
 
+    @shielded
     async def insert_devices(self, rows: Iterable[tuple[str, int, str]]) -> None:
         """Insert ``(name, product_id, password_hash)`` rows all or nothing."""
         rows = list(rows)
@@ -211,6 +215,7 @@ class Repo:
         except IntegrityError:  # a pin was added since the caller checked
             raise StillUsed(package_id) from None
 
+    @shielded
     async def save_passive_pin(self, device_id: int, package_id: int, version_name: str,
                                description: str | None) -> PassivePinRecord:
         """Create or replace the device's pin."""
@@ -232,6 +237,7 @@ class Repo:
     async def delete_passive_pin(self, pin_id: int) -> bool:
         return await PassivePin.filter(id=pin_id).delete() > 0
 
+    @shielded
     async def save_xiaozhi_pin(self, product_id: int, package_id: int, version_name: str, force: bool) -> XiaozhiPinRecord:
         """Create or replace the product's pin."""
         async with in_transaction():
@@ -255,6 +261,7 @@ class Repo:
         await Device.filter(online=True).update(online=False)
 
     @translate_storage_errors
+    @shielded
     async def save_presence(self, presence: dict[str, tuple[bool, datetime]]) -> None:
         """Write devices' online flag and last-seen time, batched by the caller: one statement for
         all (a fleet reconnecting is 10,000 rows; one round trip each held the database from the
@@ -269,6 +276,7 @@ class Repo:
         return [(row[0], row[1]) for row in rows]
 
     @translate_storage_errors
+    @shielded
     async def probe_write(self) -> None:
         async with in_transaction():
             await SchemaVersion.filter(id=1).update(version=F("version"))

@@ -14,12 +14,14 @@ from tortoise.transactions import in_transaction
 from otad.store.dialect import is_postgres, sql
 from otad.store.failures import translate_storage_errors
 from otad.store.models import Upgrade
+from otad.store.transactions import shielded
 from otad.model import ReportTarget, ReportWrites, UpgradeWrite
 
 # Rows per statement: SQLite allows 32,766 bound values per statement; 7 per row stays far below.
 _ROWS_PER_STATEMENT = 500
 
 
+@shielded
 async def _write(writes: ReportWrites) -> None:
     async with in_transaction() as conn:
         await _update_upgrades(conn, writes.upgrades)

@@ -10,6 +10,7 @@ from tortoise.functions import Count
 from tortoise.transactions import in_transaction
 
 from otad.store.models import Campaign, Device, Upgrade, UpgradeEvent
+from otad.store.transactions import shielded
 from otad.model import (CampaignRecord, CampaignUpgrade, EndedUpgrade, NewUpgrade, PackageRecord, UpgradeEventRecord,
                         UpgradeRecord)
 
@@ -38,6 +39,7 @@ def _campaign(row: Campaign) -> CampaignRecord:
 class Rollouts:
     """Upgrades (with their timelines) and campaigns."""
 
+    @shielded
     async def record_upgrades(self, new: list[NewUpgrade], *, package: PackageRecord, state: str, at: datetime,
                               superseded_state: str, open_states: Iterable[str],
                               campaign_id: int | None = None) -> list[EndedUpgrade]:
@@ -68,6 +70,7 @@ class Rollouts:
                                                          source="server", detail=None) for item in new])
         return [EndedUpgrade(row.version, row.device.name, row.campaign_id, row.state) for row in earlier]
 
+    @shielded
     async def advance_upgrade(self, version: str, from_state: str, to_state: str, at: datetime, source: str = "server",
                               detail: str | None = None, *, progress: int | None = None, message: str | None = None,
                               finished: bool = False) -> bool:
@@ -88,6 +91,7 @@ class Rollouts:
             await UpgradeEvent.create(upgrade_id=row.id, at=at, state=to_state, source=source, detail=detail)
         return True
 
+    @shielded
     async def advance_upgrades(self, versions: list[str], from_state: str, to_state: str, at: datetime) -> int:
         """``advance_upgrade`` for many upgrades at once (no detail); returns how many moved."""
         if not versions:
@@ -142,6 +146,7 @@ class Rollouts:
         rows = await Upgrade.filter(state__in=list(open_states)).order_by("id").prefetch_related("device")
         return [_upgrade(row, row.device.name) for row in rows]
 
+    @shielded
     async def end_open_upgrades(self, *, open_states: Iterable[str], state: str, at: datetime, detail: str,
                                 package_id: int | None = None, campaign_id: int | None = None) -> list[EndedUpgrade]:
         """Move every open upgrade of a package or of a campaign to ``state`` in one transaction,
