@@ -47,3 +47,23 @@ def test_model_imports_neither_side():
     modules = imported_modules(OTAD / "model.py")
     assert not reaches(modules, "otad.store") and not reaches(modules, "otad.service")
     assert not reaches(modules, "tortoise")
+
+
+def _unshielded_transactions(path) -> list[str]:
+    """Functions of ``path`` that open a transaction without being @shielded (otad/store/transactions.py)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        opens = any(isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", None))
+                    == "in_transaction" for call in ast.walk(node))
+        decorated = any(getattr(d, "id", getattr(d, "attr", None)) == "shielded" for d in node.decorator_list)
+        if opens and not decorated:
+            found.append(node.name)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((OTAD / "store").rglob("*.py")), ids=lambda path: str(path.relative_to(OTAD)))
+def test_every_store_transaction_is_shielded_from_cancellation(path):
+    assert not _unshielded_transactions(path), (
+        f"{path.relative_to(OTAD)}: {_unshielded_transactions(path)} open in_transaction() without @shielded")

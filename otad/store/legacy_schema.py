@@ -11,6 +11,7 @@ from pathlib import Path
 from tortoise.transactions import in_transaction
 
 from otad.store.models import SchemaVersion
+from otad.store.transactions import shielded
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 
 
+@shielded
 async def migrate_to_last(path: Path) -> None:
     """Bring a database of version 1 to 3 up to SCHEMA_VERSION; refuse one newer than that."""
     row = await SchemaVersion.first()
