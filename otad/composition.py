@@ -133,7 +133,9 @@ def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publish
                           upgrade_timeout=settings.upgrade.timeout, clock=clock,
                           timeline_limit=settings.upgrade.timeline_limit,
                           login_max_failures=settings.http.login_max_failures,
-                          login_window=settings.http.login_window, accounts=accounts)
+                          login_window=settings.http.login_window, accounts=accounts,
+                          chunk_max_size=settings.mqtt.chunk_max_size,
+                          chunk_transfers_per_device=settings.mqtt.chunk_transfers_per_device)
 
 
 class NoPublisher:

@@ -56,6 +56,10 @@ class MqttSettings:
     max_inflight: int = 20
     max_unreleased_qos2: int = 100
     max_sessions_per_user: int = 10
+    # Firmware over MQTT (docs/chunks.md): the largest chunk a device may ask for, and how many of a
+    # device's chunk transfers may be in flight at once (over all its connections).
+    chunk_max_size: int = 32 * 1024
+    chunk_transfers_per_device: int = 2
     tls_port: int = 0  # MQTT over TLS; 0: off
     certfile: Path | None = None
     keyfile: Path | None = None
@@ -390,6 +394,8 @@ KEYS: tuple[Key, ...] = (
     Key("mqtt.max_inflight", _parse_positive_int, 20),
     Key("mqtt.max_unreleased_qos2", _parse_positive_int, 100),
     Key("mqtt.max_sessions_per_user", _parse_positive_int, 10),
+    Key("mqtt.chunk_max_size", _parse_size, 32 * 1024),
+    Key("mqtt.chunk_transfers_per_device", _parse_positive_int, 2),
     Key("mqtt.tls_port", _parse_optional_port, 0, qualified=True),
     Key("mqtt.certfile", _parse_path, None, qualified=True),
     Key("mqtt.keyfile", _parse_path, None, qualified=True),
@@ -479,6 +485,18 @@ def _check_external_broker(values: Mapping[str, Any]) -> None:
         raise ConfigError("mqtt.provisioning is for mqtt.mode = external; the embedded broker checks devices itself")
 
 
+# Room a chunk response needs beside the chunk's bytes: its topic and the frame's JSON header.
+CHUNK_FRAME_OVERHEAD = 1024
+
+
+def _check_chunks(values: Mapping[str, Any]) -> None:
+    """A chunk's packet must fit the largest packet the broker takes (and a device expects)."""
+    if values["mqtt.chunk_max_size"] + CHUNK_FRAME_OVERHEAD > values["mqtt.max_packet_size"]:
+        raise ConfigError(f"mqtt.chunk_max_size ({values['mqtt.chunk_max_size']}) must leave "
+                          f"{CHUNK_FRAME_OVERHEAD} bytes for the frame within mqtt.max_packet_size "
+                          f"({values['mqtt.max_packet_size']})")
+
+
 def load_settings(
     document: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -505,6 +523,7 @@ def load_settings(
     data_dir = values["data_dir"] or default_data_dir(env)
     _check_tls(values)
     _check_external_broker(values)
+    _check_chunks(values)
     return Settings(
         data_dir=data_dir,
         log_level=values["log_level"],
@@ -538,6 +557,8 @@ def load_settings(
             max_inflight=values["mqtt.max_inflight"],
             max_unreleased_qos2=values["mqtt.max_unreleased_qos2"],
             max_sessions_per_user=values["mqtt.max_sessions_per_user"],
+            chunk_max_size=values["mqtt.chunk_max_size"],
+            chunk_transfers_per_device=values["mqtt.chunk_transfers_per_device"],
             tls_port=values["mqtt.tls_port"],
             certfile=values["mqtt.certfile"],
             keyfile=values["mqtt.keyfile"],

@@ -164,7 +164,7 @@ class Daemon:
             await self._broker.start(on_report, on_session_lost=services.upgrades.restore_pending)
         else:
             await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
-                                     services.devices.note_presence, mqtt_tls)
+                                     services.devices.note_presence, mqtt_tls, chunks=services.chunks)
         self._stack.push_async_callback(self._broker.stop)
         # Before the campaign engine runs: it may supersede what is being restored.
         restored = await self._restore_commands(services)

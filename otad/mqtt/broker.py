@@ -18,6 +18,7 @@ from otad.metrics import Metrics
 from otad.mqtt import protocol
 from otad.mqtt.access import AccessPolicy, Verdict
 from otad.mqtt.admission import TurnGate
+from otad.mqtt.chunks import ChunkServer
 from otad.mqtt.connection import AUTHENTICATING, OPEN, WAITING, MqttConnection
 from otad.mqtt.events import DeviceEvents
 from otad.mqtt.index import RetainedMessages, SubscriptionIndex
@@ -71,6 +72,7 @@ class Broker:
         self._offline: dict[Session, None] = {}
         self._sweeper: asyncio.TimerHandle | None = self._loop.call_later(_SWEEP_PERIOD, self._sweep)
         self._serving = True
+        self.chunk_server: ChunkServer | None = None  # firmware chunks, when the daemon serves them
         metrics.connected_devices.set_function(self.connected_count)
 
     # --- connections ---
@@ -506,6 +508,10 @@ class Broker:
             self._discard(oldest)  # a client that never came back (also takes it out of offline)
 
     # --- lifecycle ---
+
+    def spawn(self, coroutine) -> None:
+        """Run ``coroutine`` as a task the broker owns (cancelled at stop)."""
+        self._own(asyncio.ensure_future(coroutine))
 
     def _own(self, task: asyncio.Future) -> None:
         self._tasks.add(task)

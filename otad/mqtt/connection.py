@@ -36,7 +36,7 @@ _REQUIRED_FLAGS = {protocol.PUBACK: 0, protocol.PUBREC: 0, protocol.PUBREL: 2, p
 
 class MqttConnection(asyncio.Protocol):
     __slots__ = ("broker", "transport", "state", "session", "will", "keepalive", "opened_at", "last_received",
-                 "_pending", "_blocked", "_paused", "_detached", "_counted", "peer")
+                 "_pending", "_blocked", "_paused", "_detached", "_counted", "peer", "_drain")
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -53,6 +53,7 @@ class MqttConnection(asyncio.Protocol):
         self._detached = False
         self._counted = False
         self.peer = None
+        self._drain: asyncio.Future | None = None  # set while the transport's write buffer is over its high mark
 
     # --- asyncio.Protocol ---
 
@@ -77,7 +78,29 @@ class MqttConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close our side too
 
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the transport's write buffer is below its high-water mark (or the connection
+        ended); False if it is still over it after ``timeout`` seconds."""
+        drain = self._drain
+        if drain is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(drain), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()  # nothing more will drain: whoever waits goes on
         if self.state == WAITING:
             self.broker.refused(self, "no_connect", "connection closed before a complete CONNECT")
         self.state = CLOSED
@@ -191,7 +214,15 @@ class MqttConnection(asyncio.Protocol):
             raise MalformedPacket(f"PUBLISH with an invalid topic {topic!r} [MQTT-3.3.2-2]")
         report = broker.report_of(self.session, topic)  # type: ignore[arg-type]
         if report is None:
-            self.published(topic, qos, packet_id, retain, payload)
+            chunks = broker.chunk_server
+            device = chunks.request_of(self.session, topic) if chunks is not None else None  # type: ignore[arg-type]
+            if device is None:
+                self.published(topic, qos, packet_id, retain, payload)
+                return
+            # A firmware chunk request: the next packet is read once this chunk is on its way.
+            self._blocked = True
+            self._pause()
+            chunks.serve(self, device, (topic, qos, packet_id, retain, payload))
             return
         # An OTA report is committed before its PUBACK (or PUBREC) goes out and before this
         # connection's next packet is read: a PUBACK means the report is durable; a device that

@@ -16,10 +16,12 @@ from otad.errors import StartupError
 from otad.metrics import Metrics
 from otad.mqtt.access import AccessPolicy, CertificateLogin
 from otad.mqtt.broker import Broker, BrokerLimits
+from otad.mqtt.chunks import ChunkServer
 from otad.mqtt.connection import MqttConnection
 from otad.mqtt.events import DeviceEvents, PresenceHandler, ReportHandler
 from otad.mqtt.topics import ota_command_topic, ota_report_reply_topic
 from otad.mqtt.websocket import websocket_app
+from otad.service.chunks import FirmwareChunks
 from otad.tls import verified_common_name
 
 log = logging.getLogger(__name__)
@@ -75,13 +77,16 @@ class EmbeddedBroker:
         return self._websocket_socket.getsockname()[1] if self._websocket_socket is not None else None
 
     async def start(self, policy: AccessPolicy, on_report: ReportHandler, on_presence: PresenceHandler,
-                    tls: ssl.SSLContext | None = None) -> None:
-        """Listen on the plain port, and on the TLS and WebSocket ports when configured."""
+                    tls: ssl.SSLContext | None = None, chunks: FirmwareChunks | None = None) -> None:
+        """Listen on the plain port, and on the TLS and WebSocket ports when configured; serve
+        firmware chunks (docs/chunks.md) when ``chunks`` is given."""
         settings = self._settings
         limits = BrokerLimits(settings.max_packet_size, settings.max_connections, settings.connect_timeout,
                               settings.session_expiry_interval)
         broker = self._broker = Broker(limits, policy, DeviceEvents(on_report, on_presence, self._reply),
                                        self._metrics, settings)
+        if chunks is not None:
+            broker.chunk_server = ChunkServer(broker, chunks)
         port = settings.port
         try:
             self._server = await self._listen(lambda: MqttConnection(broker), port)

@@ -9,6 +9,7 @@ from datetime import datetime
 from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.campaigns import Campaigns
+from otad.service.chunks import FirmwareChunks
 from otad.service.devices import DeviceRegistry
 from otad.service.fleet import Fleet
 from otad.service.health import StorageHealth
@@ -48,6 +49,7 @@ class Services:
     firmware: FirmwareStore
     fleet: Fleet
     live: LiveFeed
+    chunks: FirmwareChunks
     offers: Offers  # what commands and passive replies say beyond the seed's keys
 
 
@@ -55,7 +57,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
                    xiaozhi_default_product_id: int | None = None, upgrade_timeout: float = 24 * 3600,
                    clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100,
                    login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW,
-                   accounts: DeviceCredentials | None = None) -> Services:
+                   accounts: DeviceCredentials | None = None, chunk_max_size: int = 32 * 1024,
+                   chunk_transfers_per_device: int = 2) -> Services:
     """``store`` is the composition root's ``otad.store.store.Store``: each use case keeps it and
     reaches the database only through it."""
     devices = DeviceRegistry(store, publisher, accounts)
@@ -69,19 +72,22 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     upgrades.on_change(live.upgrades_changed)
     devices.on_presence(live.presence_changed)
     campaigns.on_change(live.campaign_changed)
+    packages = PackageCatalog(store, firmware, upgrades, max_upload_size, health)
+    passive = PassivePins(store, devices, offers, clock)
     return Services(
         admins=AdminAuth(store, guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,
-        packages=PackageCatalog(store, firmware, upgrades, max_upload_size, health),
+        packages=packages,
         upgrades=upgrades,
         campaigns=campaigns,
         reports=reports,
         ingest=ReportIngest(reports, health),
         health=health,
-        passive=PassivePins(store, devices, offers, clock),
+        passive=passive,
         xiaozhi=XiaozhiBoards(store, xiaozhi_default_product_id),
         firmware=firmware,
         fleet=fleet,
         live=live,
+        chunks=FirmwareChunks(packages, upgrades, passive, reports, firmware, chunk_max_size, chunk_transfers_per_device),
         offers=offers,
     )
