@@ -242,6 +242,28 @@ def register(main: click.Group) -> None:
         data = _run(ctx, _client(ctx).call("DELETE", "/api/v2/otaDelete", params={"id": str(package_id)}))
         _emit(ctx, data) if ctx.obj["json"] else click.echo(f"deleted package {package_id}")
 
+    @package.command("delta")
+    @click.argument("package_id", type=int)
+    @click.option("--base", "base_id", type=int, help="the package to patch from; default: the product's "
+                  "latest earlier packages")
+    @client_command
+    def package_delta(ctx, package_id, base_id):
+        """Build delta patches to package PACKAGE_ID on the daemon (detools, heatshrink: what
+        esp_delta_ota applies; docs/delta.md); waits for them and lists them."""
+        params = {"id": str(package_id), **({"base": str(base_id)} if base_id is not None else {})}
+        data = _run(ctx, _client(ctx).call("POST", "/api/v2/otaDelta", params=params))
+        if ctx.obj["json"]:
+            _emit(ctx, data)
+            return
+        for outcome in data:
+            patch = outcome["patch"]
+            if patch is None:
+                click.echo(f"from package {outcome['baseOtaId']} ({outcome['base'] or 'no version'}): "
+                           f"no patch: {outcome['note']}")
+            else:
+                click.echo(f"from package {outcome['baseOtaId']} ({outcome['base']}): {patch['fileName']}, "
+                           f"{patch['size']} bytes, sha256 {patch['sha256']}")
+
     @main.command("enable")
     @click.argument("name")
     @click.argument("device")

@@ -135,7 +135,9 @@ def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publish
                           login_max_failures=settings.http.login_max_failures,
                           login_window=settings.http.login_window, accounts=accounts,
                           chunk_max_size=settings.mqtt.chunk_max_size,
-                          chunk_transfers_per_device=settings.mqtt.chunk_transfers_per_device)
+                          chunk_transfers_per_device=settings.mqtt.chunk_transfers_per_device,
+                          delta_scratch_dir=settings.data_dir / "delta-work",
+                          auto_delta=settings.firmware.auto_delta)
 
 
 class NoPublisher:

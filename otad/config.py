@@ -85,6 +85,7 @@ class DatabaseSettings:
 class FirmwareSettings:
     url: str = ""  # "": <data_dir>/firmware; file:///path (a shared mount); s3://bucket/prefix
     s3_endpoint: str = ""  # the S3-compatible server; "": AWS_ENDPOINT_URL, else AWS itself
+    auto_delta: bool = False  # an upload builds delta patches from the product's earlier packages (docs/delta.md)
 
 
 @dataclass(frozen=True)
@@ -410,6 +411,7 @@ KEYS: tuple[Key, ...] = (
     Key("firmware.url", _parse_url_of(("file", "s3"), "file:///srv/otad-firmware or s3://bucket/prefix"), "",
         qualified=True),
     Key("firmware.s3_endpoint", _parse_public_url, "", qualified=True),
+    Key("firmware.auto_delta", _parse_bool, False, qualified=True),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -570,7 +572,8 @@ def load_settings(
             hook_secret=values["mqtt.hook_secret"],
         ),
         database=DatabaseSettings(url=values["database.url"]),
-        firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"]),
+        firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"],
+                                  auto_delta=values["firmware.auto_delta"]),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),
         xiaozhi=XiaozhiSettings(

@@ -130,9 +130,11 @@ class Daemon:
         self._stack.push_async_callback(accounts.close)
         self.services = services = services_for(settings, firmware, self._broker, self._clock, accounts)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
+        self._stack.push_async_callback(services.deltas.aclose)  # a patch being built, before the database
         services.health.add_probe(DATABASE, services.health.probe_database)
         services.health.add_probe(FIRMWARE, firmware.probe)
-        await firmware.sweep_orphans({package.file_name for package in await services.packages.list()})
+        await firmware.sweep_orphans({package.file_name for package in await services.packages.list()}
+                                     | await services.deltas.file_names())
 
         await self._join_cluster(services)  # before the caches fill: another node's change is heard
         self._logins_seen = _mtime(login_marker(settings))

@@ -352,3 +352,27 @@ class VersionCount:
     product_id: int
     version: str  # UNKNOWN_VERSION: never reported
     devices: int
+
+
+@dataclass(frozen=True)
+class DeltaRecord:
+    """A delta patch (issue 14): turns the image of package ``base_package_id`` into that of
+    ``package_id``. It is downloaded like firmware, so it has the fields a download needs
+    (``file_name``, ``original_name``, ``size``, ``sha256``, ``created_at``)."""
+
+    id: int
+    package_id: int
+    base_package_id: int
+    base_version: str
+    base_elf_sha256: str | None
+    file_name: str
+    size: int
+    md5: str
+    sha256: str
+    compression: str
+    created_at: datetime
+    target_file_name: str  # the package's own file: what an upgrade to it names
+
+    @property
+    def original_name(self) -> str:
+        return f"delta-{self.base_package_id}-to-{self.package_id}.detools"

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from otad.config import Settings
-from otad.http import (admin_routes, campaign_routes, download, hook_routes, openapi, ops_routes, passive_routes,
-                       upgrade_routes, xiaozhi_routes)
+from otad.http import (admin_routes, campaign_routes, delta_routes, download, hook_routes, openapi, ops_routes,
+                       passive_routes, upgrade_routes, xiaozhi_routes)
 from otad.http.connections import CONNECTIONS, ConnectionGuard
 from otad.http.envelope import ALWAYS_HTTP_200, API_HANDLERS, MAX_JSON_BODY, envelope_middleware
 from otad.http.observe import RequestObserver
@@ -42,6 +42,7 @@ def create_app(services: Services, settings: Settings, observer: RequestObserver
     app[ALWAYS_HTTP_200] = settings.api.always_http_200
     app.add_routes(admin_routes.routes)
     app.add_routes(download.routes)
+    app.add_routes(delta_routes.routes)
     app.add_routes(passive_routes.routes)
     app.add_routes(upgrade_routes.routes)
     app.add_routes(campaign_routes.routes)

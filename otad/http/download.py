@@ -151,10 +151,16 @@ async def download(request: web.Request) -> web.StreamResponse:
     file_name = request.match_info["fileName"]
     # Anything that is not a stored name is never looked up, nor turned into a path or a key.
     package = await services.packages.find_by_file(file_name) if STORED_NAME.fullmatch(file_name) else None
+    upgrade_file = file_name
+    if package is None and STORED_NAME.fullmatch(file_name):
+        # A delta patch downloads like firmware (a DeltaRecord has the fields used below); fetching
+        # it is evidence of the upgrade to its package.
+        package = await services.deltas.find_by_file(file_name)
+        upgrade_file = package.target_file_name if package is not None else file_name
     if package is None:
         return web.Response(status=404)  # as the original: a bare 404, nothing a device could flash
     if device_name := request.rel_url.query.get("deviceName"):
-        await services.reports.note_download(file_name, device_name)  # evidence the upgrade is under way
+        await services.reports.note_download(upgrade_file, device_name)  # evidence the upgrade is under way
     etag = package_etag(package)
     if (status := precondition(request, etag)) is not None:
         return web.Response(status=status, headers={hdrs.ETAG: f'"{etag}"'})

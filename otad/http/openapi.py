@@ -56,6 +56,12 @@ OPERATIONS: dict[tuple[str, str], tuple[str, list, dict | None, bool, dict]] = {
         _param("fileName", "path", True), _param("deviceName", what="marks the device's upgrade downloading")],
         None, True, {"200": {"description": "the file"}, "206": {"description": "a range of it"},
                      "404": {"description": "unknown file"}}),
+    ("post", "/api/v2/otaDelta"): ("Build delta patches to a package now (detools, heatshrink; docs/delta.md)", [
+        _param("id", required=True, kind="integer", what="the package the patches lead to"),
+        _param("base", kind="integer", what="the package to patch from; default: the product's latest earlier ones")],
+        None, False, _OK),
+    ("get", "/api/v2/otaDelta"): ("List delta patches", [
+        _param("id", kind="integer", what="only the patches to this package")], None, False, _OK),
     ("post", "/api/v2/otaPassive"): ("Pin a package for a device (passive OTA)", [], _json(), False, _OK),
     ("get", "/api/v2/otaPassive"): ("List passive pins", [], None, False, _OK),
     ("delete", "/api/v2/otaPassive"): ("Delete a passive pin", [_ID], None, False, _OK),

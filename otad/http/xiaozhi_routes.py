@@ -106,6 +106,12 @@ def _check_reply(request: web.Request, offer: Offer) -> dict:
         firmware["url"] = download_url(request, settings.public_url, offer.package.file_name)
         if offer.force:
             firmware["force"] = 1
+        if offer.delta is not None:  # a patch from what the board runs; boards that do not know it ignore it
+            delta = offer.delta
+            firmware["delta"] = {"fileName": delta.file_name,
+                                 "url": download_url(request, settings.public_url, delta.file_name),
+                                 "md5": delta.md5, "sha256": delta.sha256, "size": delta.size,
+                                 "base": delta.base_version}
     reply: dict = {
         "server_time": {
             "timestamp": int(time.time() * 1000),

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.campaigns import Campaigns
+from otad.service.deltas import DeltaCatalog, DeltaOffers
 from otad.service.chunks import FirmwareChunks
 from otad.service.devices import DeviceRegistry
 from otad.service.fleet import Fleet
@@ -51,6 +53,7 @@ class Services:
     live: LiveFeed
     chunks: FirmwareChunks
     offers: Offers  # what commands and passive replies say beyond the seed's keys
+    deltas: DeltaCatalog  # delta patches between a product's packages (issue 14)
 
 
 def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upload_size: int,
@@ -58,11 +61,13 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
                    clock: Callable[[], datetime] = utc_now, timeline_limit: int = 100,
                    login_max_failures: int = DEFAULT_MAX_FAILURES, login_window: float = DEFAULT_WINDOW,
                    accounts: DeviceCredentials | None = None, chunk_max_size: int = 32 * 1024,
-                   chunk_transfers_per_device: int = 2) -> Services:
+                   chunk_transfers_per_device: int = 2, delta_scratch_dir: Path | None = None,
+                   auto_delta: bool = False) -> Services:
     """``store`` is the composition root's ``otad.store.store.Store``: each use case keeps it and
     reaches the database only through it."""
     devices = DeviceRegistry(store, publisher, accounts)
     offers = Offers()  # the composition root adds the optional parts (deltas, signatures)
+    offers.add(DeltaOffers(store))  # first: a signature added after it covers the delta too
     upgrades = UpgradeService(store, devices, publisher, upgrade_timeout, clock, offers)
     health = StorageHealth(store)
     reports = Reports(store, upgrades, timeline_limit)
@@ -74,6 +79,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     campaigns.on_change(live.campaign_changed)
     packages = PackageCatalog(store, firmware, upgrades, max_upload_size, health)
     passive = PassivePins(store, devices, offers, clock)
+    deltas = DeltaCatalog(store, firmware, packages, delta_scratch_dir or Path("delta-work"), auto_delta)
+    deltas.on_change(passive.forget)  # a cached passive reply may now carry a delta
     return Services(
         admins=AdminAuth(store, guard=LoginGuard(login_max_failures, login_window)),
         devices=devices,
@@ -90,4 +97,5 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
         live=live,
         chunks=FirmwareChunks(packages, upgrades, passive, reports, firmware, chunk_max_size, chunk_transfers_per_device),
         offers=offers,
+        deltas=deltas,
     )

@@ -28,6 +28,7 @@ class PackageCatalog:
         self._by_file: dict[str, PackageRecord] = {}
         self._deletions = 0  # a lookup that raced a deletion must not cache the deleted package
         self._delete_listeners: list[Callable[[str], object]] = []
+        self._upload_listeners: list[Callable[[PackageRecord], object]] = []
 
     @property
     def max_upload_size(self) -> int:
@@ -70,7 +71,13 @@ class PackageCatalog:
             raise
         log.info("package %d '%s' (product %d) stored as %s, %d bytes, md5 %s",
                  package.id, name, product_id, stored.file_name, stored.size, stored.md5)
+        for listener in self._upload_listeners:
+            listener(package)
         return package
+
+    def on_upload(self, listener: Callable[[PackageRecord], object]) -> None:
+        """Call ``listener(package)`` after a package was stored (auto delta patches queue it)."""
+        self._upload_listeners.append(listener)
 
     async def list(self) -> list[PackageRecord]:
         return await self._store.repo.list_packages()
@@ -106,6 +113,7 @@ class PackageCatalog:
         if users:
             raise StillReferenced(f"存在依赖关系，无法删除: used by {', '.join(users)}; delete or end those first")
         in_use = StillReferenced("存在依赖关系，无法删除: a pin or campaign was added meanwhile")
+        patches = await self._store.deltas.files_of(package.id)  # their rows go with the package's
         cancelled = await self._upgrades.end_open(state=UpgradeState.CANCELLED, detail="package deleted",
                                                   package_id=package.id)
         try:
@@ -116,4 +124,7 @@ class PackageCatalog:
         for listener in self._delete_listeners:
             listener(package.file_name)
         await self._firmware.discard(package.file_name)
-        log.info("package %d '%s' deleted; %d pending upgrade(s) cancelled", package.id, package.name, cancelled)
+        for file_name in patches:
+            await self._firmware.discard(file_name)
+        log.info("package %d '%s' deleted with %d delta patch(es); %d pending upgrade(s) cancelled", package.id,
+                 package.name, len(patches), cancelled)

@@ -22,9 +22,11 @@ from otad.errors import InvalidInput, MissingInput, NotFound
 from otad.service import credentials
 from otad.service.logs import RateLimitedLog
 from otad.service.clock import utc_now
+from otad.service.deltas import board_delta
 from otad.service.validation import check_device_name, parse_int, safe_text
 from otad.service.versions import is_newer, parse_dotted
-from otad.model import Accepted, ActivationRecord, BoardClaim, DeviceRecord, Inventory, PackageRecord, XiaozhiPinRecord
+from otad.model import (Accepted, ActivationRecord, BoardClaim, DeltaRecord, DeviceRecord, Inventory, PackageRecord,
+                        XiaozhiPinRecord)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class Offer:
     package: PackageRecord | None
     force: bool
     activation: Activation | None = None
+    delta: DeltaRecord | None = None  # a patch from what the board runs (issue 14): an optional extra
 
 
 def _text(value: object, limit: int) -> str | None:
@@ -199,8 +202,9 @@ class XiaozhiBoards:
         device = await self._store.activations.find_board(name, client_id)
         if device is None:
             return await self._not_a_board(name, client_id, current, check)
-        await self._store.repo.save_inventory(device.id, _inventory(check, self._now()))
-        return await self._offer(device, current)
+        inventory = _inventory(check, self._now())
+        await self._store.repo.save_inventory(device.id, inventory)
+        return await self._offer(device, current, inventory.elf_sha256)
 
     async def board_activate(self, device_id: object, client_id: object, body: dict) -> bool:
         """The board's ``POST .../activate``: True once accepted, False while pending."""
@@ -216,7 +220,7 @@ class XiaozhiBoards:
                                "it gets a new one with its next check")
         return False
 
-    async def _offer(self, device: DeviceRecord, current: str) -> Offer:
+    async def _offer(self, device: DeviceRecord, current: str, elf_sha256: str | None = None) -> Offer:
         keep = Offer(version=current, package=None, force=False)
         pin = await self._store.repo.find_xiaozhi_pin(device.product_id)
         if pin is None:
@@ -231,7 +235,8 @@ class XiaozhiBoards:
             if current_parsed is None or wanted is None or not is_newer(wanted, current_parsed):
                 return keep
         log.info("xiaozhi board %s (%s) offered %s", device.name, current or "unknown version", pin.version_name)
-        return Offer(version=pin.version_name, package=pin.package, force=pin.force)
+        delta = await board_delta(self._store, pin.package, current or None, elf_sha256)
+        return Offer(version=pin.version_name, package=pin.package, force=pin.force, delta=delta)
 
     async def _not_a_board(self, name: str, client_id: str, current: str, check: BoardCheck) -> Offer:
         """A check from anything but an accepted board under its Client-Id changes nothing: it opens

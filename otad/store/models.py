@@ -221,3 +221,29 @@ class XiaozhiActivation(Model):
     class Meta:
         table = "xiaozhi_activation"
         unique_together = (("device_name", "client_id"),)
+
+
+class DeltaPatch(Model):
+    """A detools patch that turns the base package's image into the package's image (issue 14).
+
+    ``base_version`` is the version a device must report to be offered it (the base package's
+    version, or the one in its ESP-IDF app descriptor; otad.service.deltas); ``base_elf_sha256``
+    the base image's app descriptor ELF hash, which xiaozhi boards report. Deleting either
+    package deletes the row (its file is discarded by the package deletion)."""
+
+    id = fields.IntField(primary_key=True)
+    package = fields.ForeignKeyField("models.Package", related_name="deltas", on_delete=fields.CASCADE)
+    base = fields.ForeignKeyField("models.Package", related_name="deltas_from", on_delete=fields.CASCADE)
+    base_version = fields.CharField(max_length=MAX_VERSION_TEXT)
+    base_elf_sha256 = fields.CharField(max_length=64, null=True)
+    file_name = fields.CharField(max_length=64, unique=True)
+    size = fields.BigIntField()
+    md5 = fields.CharField(max_length=32)
+    sha256 = fields.CharField(max_length=64)
+    compression = fields.CharField(max_length=16)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "delta_patch"
+        unique_together = (("package_id", "base_id"),)
+        indexes = (Index(fields=("package_id", "base_version")),)

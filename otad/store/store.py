@@ -8,6 +8,7 @@ The composition root builds one ``Store`` after the database is open and hands i
 from __future__ import annotations
 
 from otad.store.activations import Activations
+from otad.store.deltas import Deltas
 from otad.store.device_passwords import DevicePasswords
 from otad.store.fleet import FleetQueries
 from otad.store.product_devices import ProductDevices
@@ -27,3 +28,4 @@ class Store:
         self.report_writes = ReportWriter()  # device reports applied in batches
         self.product_devices = ProductDevices()  # a product's device census
         self.device_passwords = DevicePasswords()  # password hashes replaced together
+        self.deltas = Deltas()  # delta patches between a product's packages (issue 14)
