@@ -163,7 +163,8 @@ class Daemon:
             if http.certfile and http.keyfile else None
         if isinstance(self._broker, ExternalBroker):
             # Presence: the external broker's business.
-            await self._broker.start(on_report, on_session_lost=services.upgrades.restore_pending)
+            await self._broker.start(on_report, on_session_lost=services.upgrades.restore_pending,
+                                     chunks=services.chunks)
         else:
             await self._broker.start(AccessPolicy(services.devices, settings.mqtt.allow_anonymous), on_report,
                                      services.devices.note_presence, mqtt_tls, chunks=services.chunks)

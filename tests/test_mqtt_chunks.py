@@ -10,10 +10,13 @@ import os
 import socket
 import struct
 
+import aiohttp
 import pytest
 
 from tests.conftest import db_query, eventually, make_settings, running_otad
+from tests.mosquitto import mosquitto  # noqa: F401 (the fixture)
 from tests.mqtt_device import MqttDevice
+from tests.s3 import s3_server  # noqa: F401 (the fixture)
 from tests.rawmqtt import PUBLISH, connect_packet, publish_packet, subscribe_packet
 
 IMAGE = os.urandom(200_000)
@@ -286,3 +289,83 @@ def test_chunk_size_must_fit_the_packet_size():
         load_settings({"mqtt": {"chunk_max_size": "1MiB"}}, {}, {})
     settings = load_settings({}, {"OTAD_CHUNK_MAX_SIZE": "4096", "OTAD_CHUNK_TRANSFERS_PER_DEVICE": "3"}, {})
     assert (settings.mqtt.chunk_max_size, settings.mqtt.chunk_transfers_per_device) == (4096, 3)
+
+
+async def test_chunks_through_mosquitto_in_external_mode(tmp_path, mosquitto):
+    settings = make_settings(tmp_path / "data", **{"mqtt.mode": "external", "mqtt.external_url": mosquitto.url,
+                                                   "mqtt.provisioning": "mosquitto-dynsec"})
+    async with running_otad(settings) as otad:
+        password, package = await offered_device(otad)
+        other_password = await otad.add_device("other", 3)
+        device = MqttDevice(mosquitto.port, "node1", password)
+        assert await device.connect() == 0
+        assert await device.subscribe(response_topic("node1")) == [1]
+        received = bytearray()
+        while len(received) < len(IMAGE):
+            header, data = await ask(device, "node1", {"fileName": package["fileName"], "offset": len(received),
+                                                       "size": CHUNK})
+            assert header["success"] is True and header["data"]["total"] == len(IMAGE)
+            received += data
+            if len(received) == 2 * CHUNK:  # interrupted, and resumed on a new connection
+                await device.close()
+                device = MqttDevice(mosquitto.port, "node1", password)
+                assert await device.connect() == 0
+                assert await device.subscribe(response_topic("node1")) == [1]
+        assert hashlib.sha256(received).hexdigest() == package["sha256"]
+        assert upgrade_state(otad, "node1") == "downloading"
+        header, _ = await ask(device, "node1", {"fileName": package["fileName"], "offset": 0, "size": 10**6})
+        assert header["data"]["reason"] == "tooLarge"
+
+        # mosquitto's ACL (otad's dynsec roles): no device reads or forges another's chunks.
+        other = MqttDevice(mosquitto.port, "other", other_password)
+        assert await other.connect() == 0
+        assert await other.subscribe(response_topic("node1")) == [0x80]
+        await other.publish(request_topic("node1"), json.dumps(
+            {"fileName": package["fileName"], "offset": 0, "size": 10}).encode())
+        await device.publish(response_topic("node1"), b"\x01\x00\x02{}forged")
+        assert await device.no_message(1.0)
+        await other.close()
+        await device.close()
+
+
+
+async def test_emqx_hook_acl_lets_a_device_use_only_its_own_chunk_topics(tmp_path):
+    from tests.test_emqx_hooks import SECRET, _call, hooks_server
+
+    async with hooks_server(tmp_path, **{"mqtt.hook_secret": SECRET}) as (base, services), \
+            aiohttp.ClientSession() as session:
+        await services.devices.add([{"deviceName": "dev-1", "productId": 1}, {"deviceName": "dev-2", "productId": 1}])
+
+        async def verdict(username, topic, action):
+            body = {"username": username, "clientid": f"{username}-client", "topic": topic, "action": action}
+            status, answer = await _call(session, f"{base}/api/v2/emqx/acl", body)
+            assert status == 200
+            return answer["result"]
+
+        assert await verdict("dev-1", request_topic("dev-1"), "publish") == "allow"
+        assert await verdict("dev-1", response_topic("dev-1"), "subscribe") == "allow"
+        assert await verdict("dev-1", response_topic("dev-1"), "publish") == "deny"  # only otad sends chunks
+        assert await verdict("dev-1", request_topic("dev-2"), "publish") == "deny"
+        assert await verdict("dev-1", response_topic("dev-2"), "subscribe") == "deny"
+        assert await verdict("otad", "$share/otad//oc/devices/+/sys/ota/chunk/request", "subscribe") == "allow"
+        assert await verdict("otad", response_topic("dev-2"), "publish") == "allow"
+
+
+async def test_chunks_are_read_by_range_from_an_s3_store(tmp_path, s3_server, monkeypatch):  # noqa: F811
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.new_bucket()
+    async with running_otad(make_settings(tmp_path / "data", **{"firmware.url": f"s3://{bucket}/fw"})) as otad:
+        password, package = await offered_device(otad)
+        assert otad.daemon.services.firmware.path_of(package["fileName"]) is None  # no local file to read
+        device = otad.device("node1", password)
+        assert await device.connect() == 0
+        assert await device.subscribe(response_topic("node1")) == [1]
+        received = bytearray()
+        while len(received) < len(IMAGE):
+            header, data = await ask(device, "node1", {"fileName": package["fileName"], "offset": len(received),
+                                                       "size": 32 * 1024})
+            assert header["success"] is True, header
+            received += data
+        assert hashlib.sha256(received).hexdigest() == package["sha256"]
+        await device.close()

@@ -3,8 +3,9 @@ plugin, driven over ``$CONTROL/dynamic-security/v1`` (https://mosquitto.org/docu
 
 Each device gets a client (username = device name, the password otad just generated) and a role
 of its own, ``otad-device-NAME``, that lets it use only ``/oc/devices/NAME/#`` and never publish
-on the two topics only otad publishes on (its command and the replies to its reports). A role per
-device because mosquitto 2.0's dynsec ACLs match topics literally: no ``%u`` substitution.
+on the topics only otad publishes on (its command, the replies to its reports, its firmware
+chunks). A role per device because mosquitto 2.0's dynsec ACLs match topics literally: no ``%u``
+substitution.
 
 otad's own account (``mqtt.external_url``) needs the ACLs in ``OTAD_ACCOUNT_ACLS`` plus the
 dynsec admin role that ``mosquitto_ctrl dynsec init`` creates (or ``$CONTROL/dynamic-security/#``).
@@ -22,8 +23,8 @@ import uuid
 from collections.abc import Iterable
 
 from otad.mqtt.client import BrokerAddress, ClientConnection, Message
-from otad.mqtt.external import REPORT_SUBSCRIPTION
-from otad.mqtt.topics import DEVICE_ROOT, OTA_COMMAND, OTA_REPORT, OTA_REPORT_REPLY
+from otad.mqtt.external import CHUNK_SUBSCRIPTION, REPORT_SUBSCRIPTION
+from otad.mqtt.topics import DEVICE_ROOT, OTA_CHUNK_REQUEST, OTA_CHUNK_RESPONSE, OTA_COMMAND, OTA_REPORT, OTA_REPORT_REPLY
 from otad.service.ports import ProvisioningFailed
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,18 @@ _BATCH = 100  # commands per control message: a few kB each way
 _ALL_DEVICES = DEVICE_ROOT.format(device="+")
 
 # What otad's own account must be allowed (besides $CONTROL/dynamic-security/#): publish commands
-# and replies, receive every device's reports through the shared subscription.
+# and replies, receive every device's reports through the shared subscription; the same for firmware
+# chunks (docs/chunks.md): requests in, chunks out.
 OTAD_ACCOUNT_ACLS = [
     {"acltype": "publishClientSend", "topic": OTA_COMMAND.format(device="+"), "allow": True},
     {"acltype": "publishClientSend", "topic": OTA_REPORT_REPLY.format(device="+"), "allow": True},
     {"acltype": "subscribePattern", "topic": OTA_REPORT.format(device="+"), "allow": True},
     {"acltype": "subscribePattern", "topic": REPORT_SUBSCRIPTION, "allow": True},
     {"acltype": "publishClientReceive", "topic": OTA_REPORT.format(device="+"), "allow": True},
+    {"acltype": "publishClientSend", "topic": OTA_CHUNK_RESPONSE.format(device="+"), "allow": True},
+    {"acltype": "subscribePattern", "topic": OTA_CHUNK_REQUEST.format(device="+"), "allow": True},
+    {"acltype": "subscribePattern", "topic": CHUNK_SUBSCRIPTION, "allow": True},
+    {"acltype": "publishClientReceive", "topic": OTA_CHUNK_REQUEST.format(device="+"), "allow": True},
 ]
 
 
@@ -52,7 +58,7 @@ def device_acls(name: str) -> list[dict]:
     """The device's own topics, and nobody else's; the server-only topics denied first."""
     root = DEVICE_ROOT.format(device=name) + "/#"
     denied = [{"acltype": "publishClientSend", "topic": topic.format(device=name), "allow": False, "priority": 10}
-              for topic in (OTA_COMMAND, OTA_REPORT_REPLY)]
+              for topic in (OTA_COMMAND, OTA_REPORT_REPLY, OTA_CHUNK_RESPONSE)]
     return denied + [{"acltype": kind, "topic": root, "allow": True, "priority": 0}
                      for kind in ("publishClientSend", "publishClientReceive", "subscribePattern",
                                   "unsubscribePattern")]

@@ -8,6 +8,9 @@ The promises of the embedded mode, kept over a broker otad does not own:
   retained message, which clears it;
 - reports arrive through the shared subscription ``$share/otad//oc/devices/+/sys/ota/report``, so
   each is applied by one otad node; a report is acknowledged (PUBACK) only once it is committed;
+- firmware chunk requests (docs/chunks.md) arrive through ``$share/otad//oc/devices/+/sys/ota/chunk/request``
+  at QoS 0 (a request made while otad is away is not served later: the device asks again), and each
+  chunk is published on the device's response topic at QoS 1, so the next one waits for the broker;
 - otad's session is persistent (CleanSession 0, one stable client id per node): a report the broker
   sent but otad never acknowledged, or one sent while otad was away, is delivered again on the
   next connection, and nothing is lost across a broker or otad restart;
@@ -33,14 +36,18 @@ from typing import TypeVar
 from otad.config import MqttSettings
 from otad.errors import StartupError
 from otad.mqtt.client import BrokerAddress, ClientConnection, ConnectRefused, Message
+from otad.mqtt.chunks import frame
 from otad.mqtt.events import ReportHandler
-from otad.mqtt.topics import OTA_REPORT, ota_command_topic, ota_report_reply_topic, reporting_device
+from otad.mqtt.topics import (OTA_CHUNK_REQUEST, OTA_REPORT, chunk_requesting_device, ota_chunk_response_topic,
+                              ota_command_topic, ota_report_reply_topic, reporting_device)
+from otad.service.chunks import FirmwareChunks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The empty level after the group: otad's topics start with "/".
 REPORT_SUBSCRIPTION = "$share/otad/" + OTA_REPORT.format(device="+")
+CHUNK_SUBSCRIPTION = "$share/otad/" + OTA_CHUNK_REQUEST.format(device="+")
 KEEPALIVE = 30
 _FIRST_BACKOFF, _MAX_BACKOFF = 0.5, 30.0
 _MAX_REPORT_FAILURES = 3  # a report that cannot be applied this often is dropped, or it would stall the rest
@@ -72,6 +79,7 @@ class ExternalBroker:
         self._timeout = settings.connect_timeout
         self._on_report: ReportHandler | None = None
         self._on_session_lost: Callable[[], Awaitable[object]] | None = None
+        self._chunks: FirmwareChunks | None = None
         self._sessions = 0  # connections made; the first one's new session is the daemon's to fill
         # Reports flow unless the open upgrades' commands are being published again (without_reports).
         self._reports_open = asyncio.Event()
@@ -97,14 +105,17 @@ class ExternalBroker:
         return len(self._commands)
 
     async def start(self, on_report: ReportHandler,
-                    on_session_lost: Callable[[], Awaitable[object]] | None = None) -> None:
+                    on_session_lost: Callable[[], Awaitable[object]] | None = None,
+                    chunks: FirmwareChunks | None = None) -> None:
         """Connect once (bounded by mqtt.connect_timeout), then stay connected in the background.
         A broker that refuses otad's account is a StartupError; one that is unreachable is retried
         with backoff while the rest of otad runs. ``on_session_lost`` runs when a reconnect finds
         that the broker forgot otad's session (it crashed before saving, or lost its disk): its
-        retained commands may be gone too, so the daemon publishes the open upgrades' again."""
+        retained commands may be gone too, so the daemon publishes the open upgrades' again.
+        ``chunks``: serve firmware chunk requests too."""
         self._on_report = on_report
         self._on_session_lost = on_session_lost
+        self._chunks = chunks
         self.client_id = node_client_id(self._data_dir)
         try:
             await self._connect()
@@ -131,6 +142,8 @@ class ExternalBroker:
             connection.abort()
             raise StartupError(f"the MQTT broker {self._address.describe()} refused otad's subscription "
                                f"{REPORT_SUBSCRIPTION} (the account's ACL must allow it)")
+        if self._chunks is not None:
+            await self._subscribe_chunks(connection)
         self._connection = connection
         self.connected.set()
         log.info("connected to the MQTT broker %s as %s (session %s); %d command(s) to send",
@@ -143,6 +156,17 @@ class ExternalBroker:
             log.warning("the MQTT broker %s lost otad's session: publishing the open upgrades' commands again",
                         self._address.describe())
             self._spawn(self._session_lost(self._on_session_lost))
+
+    async def _subscribe_chunks(self, connection: ClientConnection) -> None:
+        """A broker whose ACL predates chunks refuses this one: reports and commands still work."""
+        try:
+            codes = await asyncio.wait_for(connection.subscribe([(CHUNK_SUBSCRIPTION, 0)]), self._timeout)
+        except BaseException:
+            connection.abort()
+            raise
+        if codes[0] == 0x80:
+            log.warning("the MQTT broker %s refused otad's subscription %s: no firmware over MQTT (the account's "
+                        "ACL must allow it: docs/chunks.md)", self._address.describe(), CHUNK_SUBSCRIPTION)
 
     async def _session_lost(self, restore: Callable[[], Awaitable[object]]) -> None:
         try:
@@ -200,6 +224,10 @@ class ExternalBroker:
 
     def _received(self, message: Message) -> None:
         device = reporting_device(message.topic)
+        if device is None and self._chunks is not None \
+                and (requester := chunk_requesting_device(message.topic)) is not None:
+            self._spawn(self._chunk(requester, message))
+            return
         if device is None:
             log.warning("a message on %s is not a device report; dropped", message.topic)
             message.ack()
@@ -234,6 +262,20 @@ class ExternalBroker:
             if not self._applying:
                 self._idle.set()
         message.ack()
+
+    async def _chunk(self, device: str, message: Message) -> None:
+        """Answer one chunk request; its transfer slot is held until the broker took the chunk."""
+        assert self._chunks is not None
+        connection = message.connection
+        try:
+            async with self._chunks.transfer(device, message.payload) as reply:
+                if connection.is_open:
+                    await connection.publish(ota_chunk_response_topic(device), frame(reply),
+                                             qos=1 if reply.data else 0)
+        except ConnectionError:
+            pass  # the device asks again
+        finally:
+            message.ack()
 
     def _given_up(self, device: str, payload: bytes) -> bool:
         key = hashlib.sha256(device.encode() + b"\0" + payload).digest()
