@@ -320,4 +320,77 @@ def device_pending(config_file: Path | None, **params: Any) -> None:
                    f"\tlast seen {claim.seen_at:%Y-%m-%d %H:%M:%S}{existing}")
 
 
+@main.group()
+def key() -> None:
+    """Signing keys of signed commands and passive replies (signing.enabled; docs/signing.md)."""
+
+
+_key_options = _settings_options(("data_dir", "log_level", "signing.key_dir"))
+
+
+def _keys(config_file: Path | None, params: dict[str, Any], action) -> Any:
+    """Run ``action(keyring)`` on the key directory, after naming it on stderr (stdout stays for
+    what scripts read); a failure is one line on stderr and exit 1."""
+    from otad.signing_keys import KeyRing
+
+    settings = _load(config_file, params)
+    click.echo(f"otad: signing keys in {settings.key_dir.absolute()}", err=True)
+    try:
+        return action(KeyRing(settings.key_dir))
+    except StartupError as exc:
+        _fail(str(exc))
+    except OtadError as exc:
+        _fail(exc.message)
+
+
+@key.command("create")
+@_key_options
+def key_create(config_file: Path | None, **params: Any) -> None:
+    """Make a new ECDSA P-256 key; it signs from now on (a running daemon picks it up). Earlier
+    keys stay valid for devices until `otad key retire`. Prints the new kid on stdout."""
+    created, keys = _keys(config_file, params, lambda keys: (keys.create(), keys.list()))
+    older = [key.kid for key in keys if key.status == "valid"]
+    then = f"; retire {', '.join(older)} once devices hold it (docs/signing.md)" if older else ""
+    click.echo(f"created signing key {created.kid}: bake its public key (otad key show {created.kid}) into "
+               f"firmware{then}", err=True)
+    click.echo(created.kid)
+
+
+@key.command("show")
+@click.argument("kid", required=False)
+@click.option("--format", "form", type=click.Choice(("all", "pem", "c", "hex")), default="all", show_default=True,
+              help="pem: the public key; c: a C header for firmware; hex: the uncompressed point 04||X||Y")
+@_key_options
+def key_show(kid: str | None, form: str, config_file: Path | None, **params: Any) -> None:
+    """Show the public key KID (default: the signing key) for baking into firmware."""
+    from otad.signing_keys import c_source
+
+    shown = _keys(config_file, params, lambda keys: keys.info(kid))
+    parts = {"pem": shown.public_pem().rstrip("\n"), "c": c_source(shown).rstrip("\n"), "hex": shown.point_hex()}
+    if form != "all":
+        click.echo(parts[form])
+        return
+    click.echo(f"kid: {shown.kid} ({shown.status})\n\n{parts['pem']}\n\n"
+               f"uncompressed point (65 bytes, hex):\n{parts['hex']}\n\n{parts['c']}")
+
+
+@key.command("list")
+@_key_options
+def key_list(config_file: Path | None, **params: Any) -> None:
+    """List the keys, one a line: kid, status (signing; valid: devices still accept it; retired)
+    and when its file was made (UTC), tab-separated."""
+    for listed in _keys(config_file, params, lambda keys: keys.list()):
+        click.echo(f"{listed.kid}\t{listed.status}\tcreated {listed.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@key.command("retire")
+@click.argument("kid")
+@_key_options
+def key_retire(kid: str, config_file: Path | None, **params: Any) -> None:
+    """Stop listing KID as valid and delete its private key (its public key is kept for the record).
+    The signing key cannot be retired: create its successor first."""
+    _keys(config_file, params, lambda keys: keys.retire(kid))
+    click.echo(f"retired key {kid}")
+
+
 client.register(main)

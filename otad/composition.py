@@ -26,6 +26,8 @@ from otad.mqtt.dynsec import DynsecProvisioner
 from otad.service import Services, build_services
 from otad.service.clock import utc_now
 from otad.service.ports import DeviceCredentials, NoProvisioning, Publisher
+from otad.service.signing import SignedOffers
+from otad.signing_keys import KeyRing
 from otad.store.database import Database
 from otad.store.store import Store
 
@@ -128,16 +130,27 @@ def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publish
                  clock: Callable[[], datetime] = utc_now, accounts: DeviceCredentials | None = None) -> Services:
     """``build_services`` with every argument that comes from the settings taken from them, on the
     one ``Store`` (the database is open by now: ``open_database``)."""
-    return build_services(Store(), firmware, publisher, settings.http.max_upload_size,
-                          xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
-                          upgrade_timeout=settings.upgrade.timeout, clock=clock,
-                          timeline_limit=settings.upgrade.timeline_limit,
-                          login_max_failures=settings.http.login_max_failures,
-                          login_window=settings.http.login_window, accounts=accounts,
-                          chunk_max_size=settings.mqtt.chunk_max_size,
-                          chunk_transfers_per_device=settings.mqtt.chunk_transfers_per_device,
-                          delta_scratch_dir=settings.data_dir / "delta-work",
-                          auto_delta=settings.firmware.auto_delta)
+    services = build_services(Store(), firmware, publisher, settings.http.max_upload_size,
+                              xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
+                              upgrade_timeout=settings.upgrade.timeout, clock=clock,
+                              timeline_limit=settings.upgrade.timeline_limit,
+                              login_max_failures=settings.http.login_max_failures,
+                              login_window=settings.http.login_window, accounts=accounts,
+                              chunk_max_size=settings.mqtt.chunk_max_size,
+                              chunk_transfers_per_device=settings.mqtt.chunk_transfers_per_device,
+                              delta_scratch_dir=settings.data_dir / "delta-work",
+                              auto_delta=settings.firmware.auto_delta)
+    if settings.signing.enabled:  # last: the signature covers what every other extension added
+        services.offers.add(signed_offers(settings, clock))
+    return services
+
+
+def signed_offers(settings: Settings, clock: Callable[[], datetime] = utc_now) -> SignedOffers:
+    """The signing extension on the key directory; StartupError (naming `otad key create`) when it
+    holds no signing key, so a daemon told to sign never starts sending unsigned commands."""
+    keys = KeyRing(settings.key_dir)
+    keys.signing_key()
+    return SignedOffers(keys, settings.signing.reply_lifetime, clock)
 
 
 class NoPublisher:

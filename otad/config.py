@@ -89,6 +89,13 @@ class FirmwareSettings:
 
 
 @dataclass(frozen=True)
+class SigningSettings:
+    enabled: bool = False  # commands and passive replies carry kid and sig (docs/signing.md)
+    key_dir: Path | None = None  # None: <data_dir>/keys; a shared mount for several nodes
+    reply_lifetime: float = 3600.0  # seconds a signed passive reply stays valid (its "expires")
+
+
+@dataclass(frozen=True)
 class ApiSettings:
     always_http_200: bool
 
@@ -126,6 +133,7 @@ class Settings:
     client: ClientSettings
     database: DatabaseSettings = DatabaseSettings()
     firmware: FirmwareSettings = FirmwareSettings()
+    signing: SigningSettings = SigningSettings()
 
     @property
     def firmware_dir(self) -> Path:
@@ -133,6 +141,11 @@ class Settings:
         if self.firmware.url.startswith("file://"):
             return Path(urlsplit(self.firmware.url).path)
         return self.data_dir / "firmware"
+
+    @property
+    def key_dir(self) -> Path:
+        """Where the signing keys live (otad.signing_keys)."""
+        return self.signing.key_dir or self.data_dir / "keys"
 
     @property
     def database_path(self) -> Path:
@@ -218,6 +231,14 @@ def _parse_size(raw: Any) -> int:
         value = int(match.group(1)) * _SIZE_UNITS[unit]
     if value <= 0:
         raise ValueError(f"must be a positive size (got {raw!r})")
+    return value
+
+
+def _parse_reply_lifetime(raw: Any) -> float:
+    """Seconds; at least two minutes, since a reply is rebuilt (and signed again) in its last minute."""
+    value = _parse_positive_float(raw)
+    if value < 120:
+        raise ValueError(f"must be at least 120 seconds (got {raw!r})")
     return value
 
 
@@ -412,6 +433,9 @@ KEYS: tuple[Key, ...] = (
         qualified=True),
     Key("firmware.s3_endpoint", _parse_public_url, "", qualified=True),
     Key("firmware.auto_delta", _parse_bool, False, qualified=True),
+    Key("signing.enabled", _parse_bool, False, qualified=True),
+    Key("signing.key_dir", _parse_path, None, qualified=True),
+    Key("signing.reply_lifetime", _parse_reply_lifetime, 3600.0, qualified=True),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -574,6 +598,8 @@ def load_settings(
         database=DatabaseSettings(url=values["database.url"]),
         firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"],
                                   auto_delta=values["firmware.auto_delta"]),
+        signing=SigningSettings(enabled=values["signing.enabled"], key_dir=values["signing.key_dir"],
+                                reply_lifetime=values["signing.reply_lifetime"]),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),
         xiaozhi=XiaozhiSettings(

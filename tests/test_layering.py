@@ -67,3 +67,12 @@ def _unshielded_transactions(path) -> list[str]:
 def test_every_store_transaction_is_shielded_from_cancellation(path):
     assert not _unshielded_transactions(path), (
         f"{path.relative_to(OTAD)}: {_unshielded_transactions(path)} open in_transaction() without @shielded")
+
+
+@pytest.mark.parametrize("path", sorted((OTAD / "service").glob("*.py")), ids=lambda path: path.name)
+def test_service_signs_through_its_port_not_the_crypto_library(path):
+    # The keys and the cryptography library stay at the edge (otad.signing_keys): the service
+    # signs through the Signer port of otad.service.signing.
+    modules = imported_modules(path)
+    assert not reaches(modules, "cryptography"), f"{path.name} imports cryptography"
+    assert not reaches(modules, "otad.signing_keys"), f"{path.name} imports the key files' module"
