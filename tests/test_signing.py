@@ -484,3 +484,28 @@ async def test_the_c_verifier_of_the_docs_accepts_real_messages_and_refuses_forg
     fields = json.loads(EXAMPLE_COMMAND)
     assert c_check(binary, example, fields["kid"], fields, "dev1", 1798761599) == C_RESULTS["ok"]
     assert c_check(binary, example, fields["kid"], {**fields, "size": 1701}, "dev1", 0) == C_RESULTS["bad signature"]
+
+
+async def test_a_real_delta_object_is_covered_by_the_signature(tmp_path):
+    from tests.test_delta import NEW, OLD, _build, _device_on, _upload
+
+    data = tmp_path / "data"
+    assert otad_cli(data, "key", "create").returncode == 0
+    keys = public_keys(data / "keys")
+    async with running_otad(make_settings(data, **{"signing.enabled": True})) as otad:
+        await _upload(otad, "fw-1.0", OLD, "1.0")
+        device = await _device_on(otad, "on-base", "1.0", "fw-1.0")
+        new = await _upload(otad, "fw-2.0", NEW, "2.0")
+        assert (await _build(otad, new["id"]))[0] == 200
+        await otad.enable("fw-2.0", "on-base")
+        command = json.loads((await device.next_message()).payload)
+        await device.close()
+    assert list(command)[:4] == ["fileName", "version", "md5", "delta"] and list(command)[-1] == "sig"
+    assert command["sha256"] == hashlib.sha256(NEW).hexdigest()
+    now = time.time()
+    assert refusal(command, keys, "on-base", now) is None
+    for name in ("fileName", "sha256", "size", "base"):
+        forged = {**command, "delta": {**command["delta"], name: "1" if name != "size" else 1}}
+        assert refusal(forged, keys, "on-base", now) == "bad signature", name
+    without = {key: value for key, value in command.items() if key != "delta"}
+    assert refusal(without, keys, "on-base", now) == "bad signature"  # the patch cannot be stripped either
