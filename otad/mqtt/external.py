@@ -132,18 +132,15 @@ class ExternalBroker:
         connection = await ClientConnection.open(self._address, self.client_id, clean_session=False,
                                                  keepalive=KEEPALIVE, on_message=self._received,
                                                  timeout=self._timeout)
-        try:
-            # Every time, session or not: cheap, and a broker that lost its state still gets it.
-            codes = await asyncio.wait_for(connection.subscribe([(REPORT_SUBSCRIPTION, 1)]), self._timeout)
-        except BaseException:
-            connection.abort()
-            raise
-        if codes[0] == 0x80:
+        # Every time, session or not: cheap, and a broker that lost its state still gets it.
+        if not await self._subscribe(connection, REPORT_SUBSCRIPTION, 1):
             connection.abort()
             raise StartupError(f"the MQTT broker {self._address.describe()} refused otad's subscription "
                                f"{REPORT_SUBSCRIPTION} (the account's ACL must allow it)")
-        if self._chunks is not None:
-            await self._subscribe_chunks(connection)
+        # A broker whose ACL predates chunks refuses this one: reports and commands still work.
+        if self._chunks is not None and not await self._subscribe(connection, CHUNK_SUBSCRIPTION, 0):
+            log.warning("the MQTT broker %s refused otad's subscription %s: no firmware over MQTT (the account's "
+                        "ACL must allow it: docs/chunks.md)", self._address.describe(), CHUNK_SUBSCRIPTION)
         self._connection = connection
         self.connected.set()
         log.info("connected to the MQTT broker %s as %s (session %s); %d command(s) to send",
@@ -157,16 +154,14 @@ class ExternalBroker:
                         self._address.describe())
             self._spawn(self._session_lost(self._on_session_lost))
 
-    async def _subscribe_chunks(self, connection: ClientConnection) -> None:
-        """A broker whose ACL predates chunks refuses this one: reports and commands still work."""
+    async def _subscribe(self, connection: ClientConnection, topic: str, qos: int) -> bool:
+        """Subscribe within the connect timeout (aborting the connection if it fails); False: refused."""
         try:
-            codes = await asyncio.wait_for(connection.subscribe([(CHUNK_SUBSCRIPTION, 0)]), self._timeout)
+            codes = await asyncio.wait_for(connection.subscribe([(topic, qos)]), self._timeout)
         except BaseException:
             connection.abort()
             raise
-        if codes[0] == 0x80:
-            log.warning("the MQTT broker %s refused otad's subscription %s: no firmware over MQTT (the account's "
-                        "ACL must allow it: docs/chunks.md)", self._address.describe(), CHUNK_SUBSCRIPTION)
+        return codes[0] != 0x80
 
     async def _session_lost(self, restore: Callable[[], Awaitable[object]]) -> None:
         try:
