@@ -82,7 +82,7 @@ async def emqx_auth(request: web.Request) -> web.Response:
 @public
 async def emqx_acl(request: web.Request) -> web.Response:
     """EMQX's authorizer: otad's own account may do anything; a device only its own topics, and
-    it may not publish on the ones only otad publishes on (its command, the replies to it)."""
+    it may not publish on the ones only otad publishes on (its command, the replies to it, its chunks)."""
     call = await _hook_call(request)
     username, topic, action = call.get("username", ""), call.get("topic", ""), call.get("action", "")
     own_user, _ = _otad_account(request)
