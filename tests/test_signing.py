@@ -509,3 +509,21 @@ async def test_a_real_delta_object_is_covered_by_the_signature(tmp_path):
         assert refusal(forged, keys, "on-base", now) == "bad signature", name
     without = {key: value for key, value in command.items() if key != "delta"}
     assert refusal(without, keys, "on-base", now) == "bad signature"  # the patch cannot be stripped either
+
+
+async def test_a_restart_signs_the_pending_command_again_with_the_current_key(tmp_path):
+    data = tmp_path / "data"
+    old = otad_cli(data, "key", "create").stdout.strip()
+    async with running_otad(make_settings(data, **{"signing.enabled": True})) as otad:
+        password = await otad.add_device("dev1", 7)
+        await otad.upload("fw", 7, FIRMWARE)
+        assert (await otad.enable("fw", "dev1"))[0] == 200  # the device is offline: the command is kept
+        new = otad_cli(data, "key", "create").stdout.strip()
+        await otad.restart()
+        device = otad.device("dev1", password)
+        assert await device.connect() == 0
+        assert await device.subscribe("/oc/devices/dev1/sys/ota") == [1]
+        command = json.loads((await device.next_message()).payload)
+        await device.close()
+    assert command["kid"] == new != old
+    assert refusal(command, public_keys(data / "keys"), "dev1", time.time()) is None
