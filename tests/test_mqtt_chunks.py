@@ -17,7 +17,7 @@ from tests.conftest import db_query, eventually, make_settings, running_otad
 from tests.mosquitto import mosquitto  # noqa: F401 (the fixture)
 from tests.mqtt_device import MqttDevice
 from tests.s3 import s3_server  # noqa: F401 (the fixture)
-from tests.rawmqtt import PUBLISH, connect_packet, publish_packet, subscribe_packet
+from tests.rawmqtt import PUBLISH, RawClient, connect_packet, publish_packet, subscribe_packet
 
 IMAGE = os.urandom(200_000)
 CHUNK = 16 * 1024
@@ -36,6 +36,7 @@ def parse_frame(payload: bytes) -> tuple[dict, bytes]:
     then the bytes; an independent reading of docs/chunks.md, not otad's code."""
     assert payload[0] == 1
     (length,) = struct.unpack(">H", payload[1:3])
+    assert length < 512  # docs/chunks.md: a device may keep the header in 512 bytes
     header = json.loads(payload[3:3 + length])
     data = payload[3 + length:]
     if header["success"]:
@@ -129,6 +130,8 @@ async def test_bad_requests_get_clear_errors_and_the_connection_stays(otad):
         ({"fileName": file_name, "offset": -1, "size": 16}, 1001, "badRequest"),
         ({"fileName": file_name, "offset": 0, "size": 0}, 1001, "badRequest"),
         ({"fileName": file_name, "offset": "0", "size": 16}, 1001, "badRequest"),
+        ({"fileName": file_name, "offset": 0, "size": 16, "id": "x" * 65}, 1001, "badRequest"),
+        ({"fileName": file_name, "offset": 0, "size": 16, "id": "\u00e9t\u00e9"}, 1001, "badRequest"),
         (b"not json at all", 1001, "badRequest"),
         (b"[1, 2]", 1001, "badRequest"),
         (b"{" + b" " * 2000 + b"}", 1001, "badRequest"),
@@ -369,3 +372,25 @@ async def test_chunks_are_read_by_range_from_an_s3_store(tmp_path, s3_server, mo
             received += data
         assert hashlib.sha256(received).hexdigest() == package["sha256"]
         await device.close()
+
+
+async def test_requests_pipelined_on_one_connection_are_served_one_after_another(tmp_path):
+    """Backpressure: the next request of a connection is read once its chunk is on its way, so a
+    device that sends many at once is paced, never refused as busy (one transfer per device here)."""
+    settings = make_settings(tmp_path / "data", **{"mqtt.chunk_transfers_per_device": 1})
+    async with running_otad(settings) as otad:
+        password, package = await offered_device(otad)
+        client = RawClient(otad.mqtt_port)
+        assert (await client.connect("pipeline", "node1", password))[1] == 0
+        assert await client.subscribe((response_topic("node1"), 1)) == [1]
+        client.send(b"".join(publish_packet(request_topic("node1"), json.dumps(
+            {"fileName": package["fileName"], "offset": offset, "size": CHUNK, "id": offset}).encode(), 0)
+            for offset in range(0, len(IMAGE), CHUNK)))
+        received = bytearray()
+        while len(received) < len(IMAGE):
+            header, data = parse_frame((await client.message()).payload)
+            assert header["success"] is True, header
+            assert header["data"]["id"] == header["data"]["offset"] == len(received)  # in order
+            received += data
+        assert received == IMAGE
+        await client.close()

@@ -103,14 +103,15 @@ def parse_request(payload: bytes) -> ChunkRequest:
     file_name, offset, size = body.get("fileName"), body.get("offset"), body.get("size")
     request_id = body.get("id")
     if request_id is not None and not _is_id(request_id):
-        raise _bad(f"id must be a string of at most {MAX_ID_LENGTH} characters or an integer")
+        raise _bad(f"id must be a string of at most {MAX_ID_LENGTH} printable ASCII characters or an integer")
     if not isinstance(file_name, str) or not file_name:
         raise _bad("fileName must be a non-empty string")
     if not _is_count(offset) or offset < 0:
         raise _bad("offset must be an integer, 0 or more")
     if not _is_count(size) or size < 1:
         raise _bad("size must be an integer, 1 or more")
-    return ChunkRequest(file_name[:256], offset, size, request_id)
+    # Echoed in the reply: a stored name is 47 characters at most, and the header stays small.
+    return ChunkRequest(file_name[:64], offset, size, request_id)
 
 
 def _is_count(value: object) -> bool:
@@ -118,7 +119,9 @@ def _is_count(value: object) -> bool:
 
 
 def _is_id(value: object) -> bool:
-    return (isinstance(value, str) and len(value) <= MAX_ID_LENGTH) or _is_count(value)
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_LENGTH and value.isascii() and value.isprintable()
+    return _is_count(value)
 
 
 def _bad(message: str) -> ChunkRefused:
