@@ -65,8 +65,9 @@ async def offered_device(otad, name: str = "node1", image: bytes = IMAGE) -> tup
 
 
 def upgrade_state(otad, name: str) -> str:
+    """The state of the device's latest upgrade."""
     [(state,)] = db_query(otad.settings, "SELECT u.state FROM upgrade u JOIN device d ON d.id = u.device_id "
-                                         "WHERE d.name = ?", (name,))
+                                         "WHERE d.name = ? ORDER BY u.id DESC LIMIT 1", (name,))
     return state
 
 
@@ -394,3 +395,30 @@ async def test_requests_pipelined_on_one_connection_are_served_one_after_another
             received += data
         assert received == IMAGE
         await client.close()
+
+
+async def test_the_delta_patch_a_device_is_offered_comes_over_chunks_too(otad):
+    from tests.test_delta import NEW, OLD, _build, _device_on, _upload, applied
+
+    await _upload(otad, "fw-1.0", OLD, "1.0")
+    device = await _device_on(otad, "on-base", "1.0", "fw-1.0")
+    assert await device.subscribe(response_topic("on-base")) == [1]
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    [outcome] = (await _build(otad, new["id"]))[1]["data"]
+    patch = outcome["patch"]
+    header, _ = await ask(device, "on-base", {"fileName": patch["fileName"], "offset": 0, "size": 100})
+    assert header["data"]["reason"] == "notOffered"  # its package is not offered to the device yet
+
+    await otad.enable("fw-2.0", "on-base")
+    command = json.loads((await device.next_message()).payload)
+    assert command["delta"]["fileName"] == patch["fileName"]
+    received = bytearray()
+    while len(received) < patch["size"]:
+        header, data = await ask(device, "on-base", {"fileName": patch["fileName"], "offset": len(received),
+                                                     "size": CHUNK})
+        assert header["success"] is True and header["data"]["total"] == patch["size"]
+        received += data
+    assert hashlib.sha256(received).hexdigest() == patch["sha256"]
+    assert applied(OLD, bytes(received)) == NEW
+    assert upgrade_state(otad, "on-base") == "downloading"  # fetching the patch is evidence of its upgrade
+    await device.close()

@@ -95,7 +95,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
         firmware=firmware,
         fleet=fleet,
         live=live,
-        chunks=FirmwareChunks(packages, upgrades, passive, reports, firmware, chunk_max_size, chunk_transfers_per_device),
+        chunks=FirmwareChunks(packages, upgrades, passive, reports, firmware, chunk_max_size, chunk_transfers_per_device,
+                              deltas=deltas),
         offers=offers,
         deltas=deltas,
     )

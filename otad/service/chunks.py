@@ -3,7 +3,8 @@
 
 Nothing here knows MQTT: a transport hands in a device's request (the payload it published) and
 frames the ``ChunkReply`` it gets back. A device may fetch only a file it was offered: its open
-upgrade's package, or the package of its passive pin. Every read is one range of at most
+upgrade's package, or the package of its passive pin, or a delta patch to one of those (its
+command names the patch it can apply; another patch to the same package is no secret). Every read is one range of at most
 ``max_size`` bytes from the firmware store; a device has at most ``per_device`` transfers in flight
 (the transport holds one until the chunk is on its way), otad at most ``TRANSFERS_TOTAL``.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from otad.errors import Forbidden, InvalidInput, NotFound, OtadError, TooManyRequests
 from otad.firmware import STORED_NAME, FirmwareStore
 from otad.model import UpgradeState
+from otad.service.deltas import DeltaCatalog
 from otad.service.packages import PackageCatalog
 from otad.service.pins import PassivePins
 from otad.service.reports import Reports
@@ -146,12 +148,14 @@ class FirmwareChunks:
     """The use case: validate a device's chunk request, read the range, note the download."""
 
     def __init__(self, packages: PackageCatalog, upgrades: UpgradeService, passive: PassivePins, reports: Reports,
-                 firmware: FirmwareStore, max_size: int, per_device: int, total: int = TRANSFERS_TOTAL) -> None:
+                 firmware: FirmwareStore, max_size: int, per_device: int, total: int = TRANSFERS_TOTAL,
+                 deltas: DeltaCatalog | None = None) -> None:
         self._packages = packages
         self._upgrades = upgrades
         self._passive = passive
         self._reports = reports
         self._firmware = firmware
+        self._deltas = deltas
         self.max_size = max_size
         self._slots = _Slots(per_device, total)
 
@@ -188,26 +192,34 @@ class FirmwareChunks:
             self._slots.give(device_name)
 
     async def _read(self, device_name: str, request: ChunkRequest) -> ChunkReply:
-        # Anything that is not a stored name is never looked up, nor turned into a path or a key.
-        package = await self._packages.find_by_file(request.file_name) \
-            if STORED_NAME.fullmatch(request.file_name) else None
-        if package is None:
-            raise ChunkRefused(NotFound("参数无效: no such firmware file"), "unknownFile")
-        upgrade = await self._offered(device_name, request.file_name)
+        size, package_file = await self._stored(request.file_name)
+        upgrade = await self._offered(device_name, package_file)
         if upgrade is _UNSET:
             raise ChunkRefused(Forbidden("没有权限: this file is not offered to this device"), "notOffered")
-        if request.offset >= package.size:
+        if request.offset >= size:
             raise ChunkRefused(InvalidInput(f"参数无效: offset {request.offset} is past the end of the file "
-                                            f"({package.size} bytes)"), "offsetPastEnd")
-        count = min(request.size, package.size - request.offset)
+                                            f"({size} bytes)"), "offsetPastEnd")
+        count = min(request.size, size - request.offset)
         data = await self._read_range(request.file_name, request.offset, count)
         if upgrade is not None and upgrade.state in (UpgradeState.CREATED, UpgradeState.NOTIFIED):
-            await self._reports.note_download(request.file_name, device_name)  # evidence, as an HTTP download
+            await self._reports.note_download(package_file, device_name)  # evidence, as an HTTP download
         info: dict[str, Any] = {"fileName": request.file_name, "offset": request.offset, "size": len(data),
-                                "total": package.size}
+                                "total": size}
         if request.request_id is not None:
             info["id"] = request.request_id
         return ChunkReply(_envelope(True, 200, "成功", info), data)
+
+    async def _stored(self, file_name: str) -> tuple[int, str]:
+        """(size, the package file it is or patches to) of a stored package or delta patch."""
+        # Anything that is not a stored name is never looked up, nor turned into a path or a key.
+        if STORED_NAME.fullmatch(file_name):
+            package = await self._packages.find_by_file(file_name)
+            if package is not None:
+                return package.size, file_name
+            patch = await self._deltas.find_by_file(file_name) if self._deltas is not None else None
+            if patch is not None:
+                return patch.size, patch.target_file_name
+        raise ChunkRefused(NotFound("参数无效: no such firmware file"), "unknownFile")
 
     async def _offered(self, device_name: str, file_name: str):
         """The open upgrade that offers ``file_name`` (None when only the passive pin does);
