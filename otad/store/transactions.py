@@ -10,7 +10,7 @@ still running at shutdown.
 So every store method that opens a transaction is ``@shielded``: it runs in a task of its own (with
 the caller's context, so the ORM's connections are the caller's) that a cancelled caller leaves
 running to its commit or rollback. ``drain`` waits for the ones still running before the database
-is closed.
+is closed: they are found by their task name among the loop's tasks, so no registry is kept here.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_running: set[asyncio.Task] = set()
+_TASK_NAME = "otad-store-write"
 
 
 def shielded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(method)
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        task = asyncio.ensure_future(method(*args, **kwargs))
-        _running.add(task)
-        task.add_done_callback(_running.discard)
+        task = asyncio.get_running_loop().create_task(method(*args, **kwargs), name=_TASK_NAME)
         return await asyncio.shield(task)  # a cancelled caller gets CancelledError; the write goes on
 
     return run
@@ -42,8 +40,7 @@ def shielded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 async def drain(timeout: float = 10.0) -> None:
     """Wait (bounded) for the shielded writes still running, whose callers were cancelled."""
-    loop = asyncio.get_running_loop()
-    mine = {task for task in _running if task.get_loop() is loop}
+    mine = {task for task in asyncio.all_tasks() if task.get_name() == _TASK_NAME}
     if not mine:
         return
     done, pending = await asyncio.wait(mine, timeout=timeout)
