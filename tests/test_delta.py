@@ -278,12 +278,54 @@ async def test_a_xiaozhi_board_is_offered_the_delta_by_version_or_by_elf_hash(ot
     assert (outcome["baseOtaId"], outcome["base"]) == (base["id"], "1.9.2")
     await otad.request("POST", "/api/v2/xiaozhi/otaPassive", json={"otaId": new["id"], "productId": 9,
                                                                     "versionName": "1.9.3"})
-    firmware = await _board_check(otad, "1.9.2", "ab" * 32)
+    firmware = await _board_check(otad, "1.9.2", "")  # no ELF hash given: matched by its version
     assert firmware["version"] == "1.9.3" and firmware["url"].endswith(new["fileName"])
     assert firmware["delta"]["fileName"] == outcome["patch"]["fileName"] and firmware["delta"]["base"] == "1.9.2"
+    # Version 1.9.2, but the board says it runs another build than the base: no patch for it.
+    other_build = await _board_check(otad, "1.9.2", "ab" * 32)
+    assert other_build == {"version": "1.9.3", "url": firmware["url"]}
+    assert (await _board_check(otad, "1.9.2", elf.hex().upper()))["delta"] == firmware["delta"]
     patch = await _download(otad, firmware["delta"]["fileName"])
     assert applied(esp_image("1.9.2", OLD, elf), patch) == esp_image("1.9.3", NEW)
     by_elf = await _board_check(otad, "1.9.1", elf.hex())
     assert by_elf["delta"]["fileName"] == outcome["patch"]["fileName"]
     plain = await _board_check(otad, "1.9.1", "cd" * 32)
     assert plain == {"version": "1.9.3", "url": firmware["url"]}  # an old board sees what it always did
+
+
+async def test_no_patch_is_offered_for_a_version_that_names_two_images(otad):
+    """A rebuilt "1.0" (other bytes, same version string): a device on "1.0" may run either, and a
+    patch applied to the other image would write garbage, so no device on "1.0" gets one."""
+    first = await _upload(otad, "fw-1.0", OLD, "1.0")
+    device = await _device_on(otad, "on-1.0", "1.0", "fw-1.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    [outcome] = (await _build(otad, new["id"], base=first["id"]))[1]["data"]
+    assert outcome["patch"] is not None
+    rebuilt = await _upload(otad, "fw-1.0-rebuilt", OLD[:-64] + b"r" * 64, "1.0")
+
+    await otad.enable("fw-2.0", "on-1.0")
+    command = json.loads((await device.next_message()).payload)
+    assert command["fileName"] == new["fileName"] and "delta" not in command
+    await otad.request("POST", "/api/v2/otaPassive", json={"deviceName": "on-1.0", "name": "fw-2.0",
+                                                            "description": "d", "versionName": "2.0"})
+    _, reply = await otad.request("GET", "/api/v2/otaPassiveEnable", auth=False, params={"deviceName": "on-1.0"})
+    assert reply["data"]["fileName"] == new["fileName"] and "delta" not in reply["data"]
+    # Nor is one built from either of them.
+    status, body = await _build(otad, new["id"], base=rebuilt["id"])
+    assert_error(status, body, 400, 1001)
+    assert "version 1.0" in body["errorMsg"]
+    _, body = await _build(otad, new["id"])
+    [again] = body["data"]  # the earlier package only (the rebuilt one came after fw-2.0)
+    assert (again["baseOtaId"], again["patch"]) == (first["id"], None) and "differ" in again["note"]
+    await device.close()
+
+
+async def test_no_patch_is_built_from_a_base_with_the_targets_version(otad):
+    base = await _upload(otad, "fw-2.0-rc", OLD, "2.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    status, body = await _build(otad, new["id"], base=base["id"])
+    assert_error(status, body, 400, 1001)
+    assert "version of package" in body["errorMsg"]
+    [outcome] = (await _build(otad, new["id"]))[1]["data"]
+    assert outcome["patch"] is None and "may run either" in outcome["note"]
+    assert otad.db_rows("delta_patch") == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from otad.firmware import FirmwareStore
 from otad.service.admins import AdminAuth
 from otad.service.campaigns import Campaigns
+from otad.service.delta_bases import BaseImages
 from otad.service.deltas import DeltaCatalog, DeltaOffers
 from otad.service.chunks import FirmwareChunks
 from otad.service.devices import DeviceRegistry
@@ -67,7 +68,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     reaches the database only through it."""
     devices = DeviceRegistry(store, publisher, accounts)
     offers = Offers()  # the composition root adds the optional parts (deltas, signatures)
-    offers.add(DeltaOffers(store))  # first: a signature added after it covers the delta too
+    bases = BaseImages(store, firmware)  # which image a version names, for offering patches
+    offers.add(DeltaOffers(store, bases))  # first: a signature added after it covers the delta too
     upgrades = UpgradeService(store, devices, publisher, upgrade_timeout, clock, offers)
     health = StorageHealth(store)
     reports = Reports(store, upgrades, timeline_limit)
@@ -79,7 +81,8 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     campaigns.on_change(live.campaign_changed)
     packages = PackageCatalog(store, firmware, upgrades, max_upload_size, health)
     passive = PassivePins(store, devices, offers, clock)
-    deltas = DeltaCatalog(store, firmware, packages, delta_scratch_dir or Path("delta-work"), auto_delta)
+    packages.on_delete(bases.forget)
+    deltas = DeltaCatalog(store, firmware, packages, bases, delta_scratch_dir or Path("delta-work"), auto_delta)
     deltas.on_change(passive.forget)  # a cached passive reply may now carry a delta
     return Services(
         admins=AdminAuth(store, guard=LoginGuard(login_max_failures, login_window)),
@@ -91,7 +94,7 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
         ingest=ReportIngest(reports, health),
         health=health,
         passive=passive,
-        xiaozhi=XiaozhiBoards(store, xiaozhi_default_product_id),
+        xiaozhi=XiaozhiBoards(store, xiaozhi_default_product_id, patches=bases),
         firmware=firmware,
         fleet=fleet,
         live=live,

@@ -6,7 +6,8 @@ A patch's base is identified by a version string: the base package's ``version``
 none, the version in its ESP-IDF app descriptor (an ESP32 image says what it is). A package with
 neither is never a base. A device is offered the patch when the version it last reported
 (``currentVersion``; a xiaozhi board's ``application.version``, or its ``elf_sha256`` against the
-base image's) equals the base's.
+base image's) equals the base's, and that version names one image of the product
+(otad.service.delta_bases).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from otad.errors import InvalidInput, NotFound, OtadError
 from otad.firmware import FirmwareStore
 from otad.model import DeltaRecord, PackageRecord, StillUsed
 from otad.service import delta_build
+from otad.service.delta_bases import BaseImages
 from otad.service.offers import Offer
 from otad.service.packages import PackageCatalog
 from otad.service.validation import parse_int
@@ -58,27 +60,17 @@ def delta_fields(patch: DeltaRecord) -> dict[str, Any]:
             "base": patch.base_version}
 
 
-async def board_delta(store, package: PackageRecord, version: str | None, elf_sha256: str | None) -> DeltaRecord | None:
-    """The patch to ``package`` for a xiaozhi board running ``version`` (or the ELF ``elf_sha256``)."""
-    for patch in await store.deltas.of_package(package.id):
-        if (version and patch.base_version == version) or (
-                elf_sha256 and patch.base_elf_sha256 and patch.base_elf_sha256 == elf_sha256.lower()):
-            return patch
-    return None
-
-
 class DeltaOffers:
     """The OfferExtension that adds ``delta`` to the offers of devices that run a patch's base."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, bases: BaseImages) -> None:
         self._store = store  # the composition root's otad.store.store.Store
+        self._bases = bases
 
     async def extend(self, package: PackageRecord, offers: list[Offer]) -> None:
         if not offers:
             return
-        by_version: dict[str, DeltaRecord] = {}
-        for patch in await self._store.deltas.of_package(package.id):  # newest base first
-            by_version.setdefault(patch.base_version, patch)
+        by_version = await self._bases.by_version(package)
         if not by_version:
             return
         unknown = [offer.device_name for offer in offers if offer.current_version is None]
@@ -92,10 +84,11 @@ class DeltaOffers:
 class DeltaCatalog:
     """Builds, lists and finds patches. ``auto``: every upload queues its patches for the worker."""
 
-    def __init__(self, store, firmware: FirmwareStore, packages: PackageCatalog, scratch_dir: Path,
-                 auto: bool = False) -> None:
+    def __init__(self, store, firmware: FirmwareStore, packages: PackageCatalog, bases: BaseImages,
+                 scratch_dir: Path, auto: bool = False) -> None:
         self._store = store
         self._firmware = firmware
+        self._bases = bases
         self._scratch = scratch_dir
         self._one_at_a_time = asyncio.Lock()
         self._queue: asyncio.Queue[int] = asyncio.Queue(QUEUE_LIMIT)
@@ -187,31 +180,13 @@ class DeltaCatalog:
                    if p.product_id == package.product_id and p.id < package.id]
         return sorted(earlier, key=lambda p: p.id, reverse=True)[:AUTO_BASES]
 
-    async def _identity(self, base: PackageRecord) -> tuple[str | None, str | None]:
-        """The base's version (its package's, else its app descriptor's) and its ELF hash."""
-        head = await self._read_head(base)
-        version, elf = delta_build.app_descriptor(head)
-        return base.version or version, elf
-
-    async def _read_head(self, package: PackageRecord) -> bytes:
-        reading = await self._firmware.read(package.file_name, 0, min(delta_build.APP_HEAD, package.size))
-        if reading is None:
-            return b""
-        try:
-            return b"".join([chunk async for chunk in reading])
-        finally:
-            await reading.aclose()
-
     async def _build_from(self, package: PackageRecord, base: PackageRecord, explicit: bool) -> DeltaOutcome:
-        version, elf = await self._identity(base)
-        if version is None:
-            note = (f"package {base.id} has no version (none given at upload, and not an ESP-IDF image), "
-                    "so no device could be matched with it")
-            if explicit:
+        version, elf = await self._bases.identity(base)
+        note = await self._unfit(package, base, version)
+        if note is not None:
+            if explicit and base.sha256 != package.sha256:  # the same image again is no error
                 raise InvalidInput(f"参数无效: {note}")
-            return DeltaOutcome(base.id, None, None, note)
-        if base.sha256 == package.sha256:
-            return DeltaOutcome(base.id, version, None, "the same image")
+            return DeltaOutcome(base.id, version, None, note)
         async with self._one_at_a_time:
             patch = await self._make(package, base, version, elf)
         if patch is None:
@@ -221,6 +196,21 @@ class DeltaCatalog:
         log.info("delta patch %s: package %d from %d (version %s), %d of %d bytes", patch.file_name, package.id,
                  base.id, version, patch.size, package.size)
         return DeltaOutcome(base.id, version, patch)
+
+    async def _unfit(self, package: PackageRecord, base: PackageRecord, version: str | None) -> str | None:
+        """Why no device could be told which image ``base`` is, or None when one can."""
+        if version is None:
+            return (f"package {base.id} has no version (none given at upload, and not an ESP-IDF image), "
+                    "so no device could be matched with it")
+        if base.sha256 == package.sha256:
+            return "the same image"
+        if (await self._bases.identity(package))[0] == version:
+            return (f"package {base.id} has the version of package {package.id} ({version}): a device on "
+                    f"{version} may run either")
+        if await self._bases.ambiguous(package.product_id, {version}):
+            return (f"two or more packages of product {package.product_id} say they are version {version} "
+                    "and differ: a device on it could run any of them")
+        return None
 
     async def _make(self, package: PackageRecord, base: PackageRecord, version: str,
                     elf: str | None) -> DeltaRecord | None:

@@ -22,7 +22,7 @@ from otad.errors import InvalidInput, MissingInput, NotFound
 from otad.service import credentials
 from otad.service.logs import RateLimitedLog
 from otad.service.clock import utc_now
-from otad.service.deltas import board_delta
+from otad.service.delta_bases import BaseImages
 from otad.service.validation import check_device_name, parse_int, safe_text
 from otad.service.versions import is_newer, parse_dotted
 from otad.model import (Accepted, ActivationRecord, BoardClaim, DeltaRecord, DeviceRecord, Inventory, PackageRecord,
@@ -128,8 +128,9 @@ def _new_challenge() -> str:
 
 class XiaozhiBoards:
     def __init__(self, store, default_product_id: int | None, now=utc_now, pending_limit: int | None = None,
-                 pending_ttl: timedelta = PENDING_TTL) -> None:
+                 pending_ttl: timedelta = PENDING_TTL, patches: BaseImages | None = None) -> None:
         self._store = store  # the composition root's otad.store.store.Store
+        self._patches = patches  # delta patches a board may be offered (issue 14); None: never one
         self._default_product_id = default_product_id
         self._now = now
         self._pending_limit = PENDING_LIMIT if pending_limit is None else pending_limit
@@ -235,7 +236,8 @@ class XiaozhiBoards:
             if current_parsed is None or wanted is None or not is_newer(wanted, current_parsed):
                 return keep
         log.info("xiaozhi board %s (%s) offered %s", device.name, current or "unknown version", pin.version_name)
-        delta = await board_delta(self._store, pin.package, current or None, elf_sha256)
+        delta = (await self._patches.board_patch(pin.package, current or None, elf_sha256)
+                 if self._patches is not None else None)
         return Offer(version=pin.version_name, package=pin.package, force=pin.force, delta=delta)
 
     async def _not_a_board(self, name: str, client_id: str, current: str, check: BoardCheck) -> Offer:

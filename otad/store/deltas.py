@@ -9,8 +9,9 @@ from tortoise.exceptions import IntegrityError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
-from otad.model import DeltaRecord, StillUsed
-from otad.store.models import DeltaPatch, Device
+from otad.model import DeltaRecord, PackageRecord, StillUsed
+from otad.store.models import DeltaPatch, Device, Package
+from otad.store.repo import _package
 from otad.store.transactions import shielded
 
 # Device names per query when matching a campaign step's devices with their reported versions:
@@ -60,6 +61,10 @@ class Deltas:
         """The files of every patch to or from ``package_id`` (what deleting it leaves behind)."""
         return await DeltaPatch.filter(Q(package_id=package_id) | Q(base_id=package_id)).values_list(
             "file_name", flat=True)
+
+    async def product_packages(self, product_id: int) -> list[PackageRecord]:
+        """Every package of ``product_id`` (which images a base version could name)."""
+        return [_package(row) for row in await Package.filter(product_id=product_id).order_by("id")]
 
     async def file_names(self) -> set[str]:
         return set(await DeltaPatch.all().values_list("file_name", flat=True))
