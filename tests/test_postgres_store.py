@@ -18,6 +18,10 @@ from otad.store.database import Database
 from tests.conftest import db_query, make_settings, running_otad
 from tests.postgres import fetch, fresh_database, postgres_url  # noqa: F401  (the fixture)
 
+# Every migration otad ships, as tortoise_migrations records them once applied.
+APPLIED = [("models", path.stem) for path in sorted((Path(__file__).parent.parent / "otad" / "store" / "migrations")
+                                                    .glob("[0-9]*.py"))]
+
 
 def _sqlite_columns(path: Path) -> dict[str, set[str]]:
     with sqlite3.connect(path) as conn:
@@ -49,35 +53,37 @@ async def test_a_fresh_postgresql_and_a_fresh_sqlite_database_get_the_same_table
     on_sqlite, on_postgres = _sqlite_columns(tmp_path / "otad.sqlite3"), _postgres_columns(url)
     assert on_sqlite == on_postgres
     assert {"device", "upgrade", "upgrade_event", "campaign", "schema_version", "tortoise_migrations"} <= set(on_sqlite)
-    # Both say they applied the initial migration, and opening again applies nothing new.
+    # Both say they applied every migration, and opening again applies nothing new.
     await _open_and_close(tmp_path / "unused.sqlite3", url)
-    assert fetch(url, 'SELECT app, name FROM tortoise_migrations') == [("models", "0001_initial")]
+    assert fetch(url, 'SELECT app, name FROM tortoise_migrations') == APPLIED
     assert fetch(url, 'SELECT version FROM schema_version') == [(4,)]
     assert not (tmp_path / "unused.sqlite3").exists()  # PostgreSQL: nothing written in the data dir
 
 
 async def test_an_sqlite_database_made_before_tortoise_migrations_is_taken_over_not_recreated(tmp_path):
     """A version 4 database as otad made it before: schema_version, no tortoise_migrations. Its
-    data stays, the initial migration is recorded as applied (creating its tables would fail)."""
+    data stays, the initial migration is recorded as applied (creating its tables would fail), and
+    the later ones run."""
     settings = make_settings(tmp_path / "data", **{"database.url": ""})
     async with running_otad(settings) as otad:
         await otad.add_device("dev1", 1)
         await otad.daemon.stop()
         with sqlite3.connect(settings.database_path) as conn:
-            conn.execute("DROP TABLE tortoise_migrations")  # what an otad of schema version 4 left
+            # What an otad of schema version 4 left: no record of migrations, no table of a later one.
+            conn.executescript("DROP TABLE tortoise_migrations; DROP TABLE delta_patch;")
         otad.daemon = Daemon(settings)
         await otad.daemon.start()
         status, body = await otad.request("GET", "/api/v2/devices")
         assert status == 200 and [device["deviceName"] for device in body["data"]] == ["dev1"]
     with sqlite3.connect(settings.database_path) as conn:
-        assert conn.execute("SELECT app, name FROM tortoise_migrations").fetchall() == [("models", "0001_initial")]
+        assert conn.execute("SELECT app, name FROM tortoise_migrations").fetchall() == APPLIED
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
 
 
 async def test_two_nodes_opening_one_new_postgresql_database_at_once_both_start(tmp_path, postgres_url):
     url = fresh_database(postgres_url)
     await asyncio.gather(_open_and_close(tmp_path / "a.sqlite3", url), _open_and_close(tmp_path / "b.sqlite3", url))
-    assert fetch(url, 'SELECT app, name FROM tortoise_migrations') == [("models", "0001_initial")]
+    assert fetch(url, 'SELECT app, name FROM tortoise_migrations') == APPLIED
 
 
 def _otad(data_dir: Path, url: str, *args: str) -> subprocess.CompletedProcess:

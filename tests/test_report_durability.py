@@ -362,7 +362,7 @@ async def test_a_version_1_database_is_migrated_whole(tmp_path):
             # a late report, as version 1 stored it: a second "downloading" row
             'INSERT INTO upgrade_event (at, state, source, detail, upgrade_id) '
             "SELECT at, 'downloading', 'device', '{}', upgrade_id FROM upgrade_event LIMIT 1;"
-            'DROP TABLE xiaozhi_activation;'
+            'DROP TABLE xiaozhi_activation; DROP TABLE delta_patch; DROP TABLE tortoise_migrations;'
             "UPDATE device SET last_check_at = '2026-11-01 00:00:00+00:00' WHERE name = 'dev1';"
             'ALTER TABLE user DROP COLUMN role; ALTER TABLE api_token DROP COLUMN role;'  # before roles (v4)
             'UPDATE schema_version SET version = 1;')

@@ -8,6 +8,7 @@ next migration; every otad applies it when it opens the database.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext
 from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
+from tortoise.migrations.operations import CreateModel
 
 from otad.store import legacy_schema, transactions
 from otad.store.dialect import is_postgres
@@ -83,8 +85,13 @@ class Database:
             # Made by an otad before tortoise's migrations: its own steps bring it to version 4
             # (tables it never had first, as it always did), which is what the initial migration
             # creates, so that one is only recorded as applied.
+            before = await _sqlite_tables(connection)
             await self._context.generate_schemas(safe=True)
             await legacy_schema.migrate_to_last(self.path)
+            # generate_schemas made today's tables; those of later migrations go again (empty, just
+            # made) so those migrations create them, as on any other database.
+            for table in await _sqlite_tables(connection) - before - _initial_tables():
+                await connection.execute_script(f'DROP TABLE "{table}"')
             await executor.migrate([MigrationTarget(app_label=APP, name=INITIAL_MIGRATION)], fake=True)
         await executor.migrate()
         if not await SchemaVersion.exists():
@@ -101,6 +108,18 @@ class Database:
             context.__exit__(None, None, None)
         except ValueError:
             pass  # closed from another task than the one that opened it: nothing to restore there
+
+
+async def _sqlite_tables(connection: BaseDBAsyncClient) -> set[str]:
+    _, rows = await connection.execute_query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {row["name"] for row in rows}
+
+
+def _initial_tables() -> set[str]:
+    """The tables the initial migration creates (what legacy version 4 had)."""
+    initial = importlib.import_module(f"otad.store.migrations.{INITIAL_MIGRATION}")
+    return {operation.options["table"] for operation in initial.Migration.operations
+            if isinstance(operation, CreateModel)}
 
 
 async def _legacy_sqlite(connection: BaseDBAsyncClient) -> bool:
