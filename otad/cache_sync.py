@@ -120,6 +120,7 @@ class CacheSync:
                 services.passive.forget(key)
             elif kind == PACKAGE_DELETED:
                 services.packages.forget(key)
+                services.passive.forget()  # a cached reply may name a patch deleted with it
             elif kind == UPGRADES:
                 services.upgrades.changed_elsewhere([_decode(item) for item in key])
             elif kind == CAMPAIGN:

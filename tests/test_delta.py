@@ -329,3 +329,47 @@ async def test_no_patch_is_built_from_a_base_with_the_targets_version(otad):
     [outcome] = (await _build(otad, new["id"]))[1]["data"]
     assert outcome["patch"] is None and "may run either" in outcome["note"]
     assert otad.db_rows("delta_patch") == 0
+
+
+async def _pin_and_poll(otad, device_name: str, package: str | None = None) -> dict:
+    if package is not None:
+        status, body = await otad.request("POST", "/api/v2/otaPassive", json={
+            "deviceName": device_name, "name": package, "description": "d", "versionName": "2.0"})
+        assert status == 200, body
+    status, body = await otad.request("GET", "/api/v2/otaPassiveEnable", auth=False,
+                                      params={"deviceName": device_name})
+    assert status == 200, body
+    return body["data"]
+
+
+async def test_a_cached_passive_reply_drops_the_delta_once_the_device_reports_another_version(otad):
+    await _upload(otad, "fw-1.0", OLD, "1.0")
+    await _upload(otad, "fw-1.5", OLD[:-100] + b"1.5", "1.5")
+    device = await _device_on(otad, "moving", "1.0", "fw-1.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    await _build(otad, new["id"], base=1)
+    assert (await _pin_and_poll(otad, "moving", "fw-2.0"))["delta"]["base"] == "1.0"
+    assert (await _pin_and_poll(otad, "moving"))["delta"]["base"] == "1.0"  # cached
+    status, body = await otad.enable("fw-1.5", "moving")  # the device moves on to 1.5 meanwhile
+    assert status == 200, body
+    command = json.loads((await device.next_message()).payload)
+    reply = await _report(device, "moving", version=command["version"], status="updated", currentVersion="1.5")
+    assert reply["accepted"] is True
+    reply = await _pin_and_poll(otad, "moving")
+    assert reply["fileName"] == new["fileName"] and "delta" not in reply  # the patch is from 1.0
+    await device.close()
+
+
+async def test_deleting_the_base_package_drops_the_delta_from_cached_passive_replies(otad):
+    base = await _upload(otad, "fw-1.0", OLD, "1.0")
+    device = await _device_on(otad, "on-base", "1.0", "fw-1.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    await _build(otad, new["id"])
+    patch_file = (await _pin_and_poll(otad, "on-base", "fw-2.0"))["delta"]["fileName"]
+    status, _ = await otad.request("DELETE", "/api/v2/otaDelete", params={"id": str(base["id"])})
+    assert status == 200
+    reply = await _pin_and_poll(otad, "on-base")
+    assert reply["fileName"] == new["fileName"] and "delta" not in reply
+    async with otad.session.get(f"{otad.url}/api/v2/micro/{patch_file}") as response:
+        assert response.status == 404
+    await device.close()

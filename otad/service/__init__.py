@@ -82,6 +82,10 @@ def build_services(store, firmware: FirmwareStore, publisher: Publisher, max_upl
     packages = PackageCatalog(store, firmware, upgrades, max_upload_size, health)
     passive = PassivePins(store, devices, offers, clock)
     packages.on_delete(bases.forget)
+    # A cached passive reply may name a patch to or from the deleted package, or from the version a
+    # device ran before its report.
+    packages.on_delete(lambda _file_name: passive.forget())
+    reports.on_version(passive.version_reported)
     deltas = DeltaCatalog(store, firmware, packages, bases, delta_scratch_dir or Path("delta-work"), auto_delta)
     deltas.on_change(passive.forget)  # a cached passive reply may now carry a delta
     return Services(

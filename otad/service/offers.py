@@ -68,13 +68,14 @@ class Offers:
         await self.extend(package, offers)
         return [ota_command(package.file_name, offer.fields["version"], package.md5, offer.fields) for offer in offers]
 
-    async def passive(self, pin: PassivePinRecord) -> Offer:
+    async def passive(self, pin: PassivePinRecord, current_version: str | None = None) -> Offer:
         """The passive reply for ``pin``: the seed's keys, then what the reply always had (description,
-        sha256, size, the download ``url``), then the extensions' keys."""
+        sha256, size, the download ``url``), then the extensions' keys. ``current_version``: what the
+        device reported it runs, when the caller knows it."""
         package = pin.package
         offer = Offer(pin.device_name, {"fileName": package.file_name, "version": pin.version_name, "md5": package.md5,
                                         "description": pin.description, "sha256": package.sha256,
                                         "size": package.size, URL: None},
-                      unsigned=frozenset({URL}))
+                      current_version=current_version, unsigned=frozenset({URL}))
         await self.extend(package, [offer])
         return offer

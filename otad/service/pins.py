@@ -20,12 +20,14 @@ class PassivePins:
         self._devices = devices
         self._offers = offers or Offers()
         self._clock = clock
-        # Device name -> (the pin, the offer built from it): rebuilt when the pin changes or the offer
-        # is about to expire (a signed one carries an expiry).
-        self._offer_cache: dict[str, tuple[PassivePinRecord, Offer]] = {}
-        # Device name -> its pin, for the poll devices repeat all day. Filled on a poll, dropped on
-        # every change that could alter an answer: a pin saved or deleted, or the device deleted.
-        self._poll_cache: dict[str, PassivePinRecord] = {}
+        # Device name -> (the pin, the device's reported version, the offer built from both): rebuilt
+        # when the pin or the version changes (a delta patch is from that version) or the offer is
+        # about to expire (a signed one carries an expiry).
+        self._offer_cache: dict[str, tuple[PassivePinRecord, str | None, Offer]] = {}
+        # Device name -> (its pin, the version it reported), for the poll devices repeat all day.
+        # Filled on a poll, dropped on every change that could alter an answer: a pin saved or
+        # deleted, the device deleted, a report of another version, a package or patch changed.
+        self._poll_cache: dict[str, tuple[PassivePinRecord, str | None]] = {}
         self._changes = 0  # a poll that read the database across a change must not cache what it read
         self._listeners: list[Callable[[str | None], object]] = []
         devices.on_delete(self.forget)
@@ -44,6 +46,13 @@ class PassivePins:
         else:
             self._poll_cache.pop(device_name, None)
             self._offer_cache.pop(device_name, None)
+
+    def version_reported(self, device_name: str, version: str) -> None:
+        """``device_name`` reported running ``version`` (written already): an answer cached for the
+        version it ran before may carry a patch from that version."""
+        cached = self._poll_cache.get(device_name)
+        if cached is not None and cached[1] != version:
+            self.forget(device_name)
 
     def _changed(self, device_name: str | None) -> None:
         self.forget(device_name)
@@ -67,6 +76,9 @@ class PassivePins:
 
     async def for_device(self, device_name: object) -> PassivePinRecord:
         """What a polling device is told; NotFound (1001) for an unknown device or one with no pin."""
+        return (await self._pin_and_version(device_name))[0]
+
+    async def _pin_and_version(self, device_name: object) -> tuple[PassivePinRecord, str | None]:
         if isinstance(device_name, str) and (cached := self._poll_cache.get(device_name)) is not None:
             return cached
         changes = self._changes
@@ -74,19 +86,20 @@ class PassivePins:
         pin = await self._store.repo.find_passive_pin(device.name)
         if pin is None:
             raise NotFound(f"参数无效: no passive upgrade is set for device '{device.name}'")
+        found = (pin, device.firmware_version)
         if changes == self._changes:
-            self._poll_cache[device.name] = pin
-        return pin
+            self._poll_cache[device.name] = found
+        return found
 
     async def offer(self, device_name: object) -> Offer:
         """The reply a polling device reads (its ``url`` left to the transport); the same object
         until it would change, so a transport may cache what it rendered from it."""
-        pin = await self.for_device(device_name)
+        pin, version = await self._pin_and_version(device_name)
         cached = self._offer_cache.get(pin.device_name)
-        if cached is not None and cached[0] is pin and not self._expiring(cached[1]):
-            return cached[1]
-        offer = await self._offers.passive(pin)
-        self._offer_cache[pin.device_name] = (pin, offer)  # as bounded as the pins: one per device with one
+        if cached is not None and cached[0] is pin and cached[1] == version and not self._expiring(cached[2]):
+            return cached[2]
+        offer = await self._offers.passive(pin, version)
+        self._offer_cache[pin.device_name] = (pin, version, offer)  # as bounded as the pins: one per device with one
         return offer
 
     def _expiring(self, offer: Offer) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -120,6 +121,11 @@ class Reports:
         self._upgrades = upgrades
         self._timeline_limit = max(1, timeline_limit)
         self._refusals = RateLimitedLog(log, "OTA reports refused")
+        self._version_listeners: list[Callable[[str, str], object]] = []
+
+    def on_version(self, listener: Callable[[str, str], object]) -> None:
+        """Call ``listener(device_name, version)`` after a report's ``currentVersion`` was written."""
+        self._version_listeners.append(listener)
 
     async def apply(self, device_name: str, payload: bytes) -> ReportReply:
         """Apply one report (a batch of one)."""
@@ -146,6 +152,8 @@ class Reports:
             # Another writer moved one of these upgrades between the read and the write: read again.
         else:
             raise RuntimeError(f"a batch of {len(reports)} reports kept losing races with other writers")
+        if writes.firmware:
+            self._versions_written(reports, targets)
         try:
             await self._upgrades.changed(changes)
         except Exception:
@@ -188,6 +196,13 @@ class Reports:
             if upgrade.notes > self._timeline_limit:
                 writes.trims.append((target.id, upgrade.notes - self._timeline_limit))
         return replies, writes, changes
+
+    def _versions_written(self, reports: list[Report], targets: dict[str, ReportTarget]) -> None:
+        for report in reports:
+            target = targets.get(report.version)
+            if report.current_version and target is not None and target.device_name == report.device_name:
+                for listener in self._version_listeners:
+                    listener(report.device_name, report.current_version)
 
     def _step(self, upgrade: _Working, report: Report, now: datetime, writes: ReportWrites) -> ReportReply:
         """One report against where its upgrade stands in this batch."""
