@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import random
 import struct
 
@@ -373,3 +374,29 @@ async def test_deleting_the_base_package_drops_the_delta_from_cached_passive_rep
     async with otad.session.get(f"{otad.url}/api/v2/micro/{patch_file}") as response:
         assert response.status == 404
     await device.close()
+
+
+async def test_building_again_without_naming_the_base_keeps_the_patch_built_before(otad):
+    await _upload(otad, "fw-1.0", OLD, "1.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    [first] = (await _build(otad, new["id"]))[1]["data"]
+    [again] = (await _build(otad, new["id"]))[1]["data"]  # as auto mode after an on-demand build
+    assert again["patch"]["fileName"] == first["patch"]["fileName"] and "built before" in again["note"]
+    [named] = (await _build(otad, new["id"], base=first["baseOtaId"]))[1]["data"]
+    assert named["patch"]["fileName"] != first["patch"]["fileName"]  # a base named: built again
+    assert otad.db_rows("delta_patch") == 1
+
+
+async def test_downloads_of_names_that_are_no_patch_do_not_query_the_patches(otad, caplog):
+    """Anyone may ask for any well-formed name: after the first, those are answered from the set
+    of patch names (the database client logs each query it sends)."""
+    await _upload(otad, "fw-1.0", OLD, "1.0")
+    new = await _upload(otad, "fw-2.0", NEW, "2.0")
+    [outcome] = (await _build(otad, new["id"]))[1]["data"]
+    with caplog.at_level(logging.DEBUG, logger="tortoise.db_client"):
+        for index in range(20):
+            async with otad.session.get(f"{otad.url}/api/v2/micro/{index:08x}-0000-4000-8000-000000000000.patch") as r:
+                assert r.status == 404
+        assert await _download(otad, outcome["patch"]["fileName"])  # a patch is still found
+    queries = [r.getMessage() for r in caplog.records if "delta_patch" in r.getMessage()]
+    assert 1 <= len(queries) <= 3, queries

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ MAX_IMAGE = 32 * 1024**2  # detools holds both images and a suffix array: ESP32 
 AUTO_BASES = 3  # an upload builds patches from this many of the product's latest earlier packages
 BUILD_TIMEOUT = 900.0  # seconds one patch may take before its process is killed
 QUEUE_LIMIT = 64  # uploads waiting for their patches (auto mode); beyond it they are skipped, logged
+NAMES_REFRESH = 1.0  # seconds: a name not among the patches read again at most this often (other nodes' patches)
 _CHUNK = 256 * 1024
 
 
@@ -95,6 +97,13 @@ class DeltaCatalog:
         self._worker: asyncio.Task | None = None
         self._scratch_cleared = False
         self._listeners: list[Callable[[], object]] = []
+        # The file names of every patch, so a download of a name that is neither a package nor a
+        # patch (anyone may ask) costs no query: as many as the patches, read again after a change
+        # here, and on a miss at most every NAMES_REFRESH seconds (a patch another node built).
+        self._names: set[str] | None = None
+        self._names_read_at = 0.0
+        self._changes = 0  # a read across a change must not keep what it read
+        packages.on_delete(self._patches_changed)
         if auto:
             packages.on_upload(self.queue)
 
@@ -108,7 +117,22 @@ class DeltaCatalog:
         return await self._store.deltas.of_package(parse_int(raw_id, "id"))
 
     async def find_by_file(self, file_name: str) -> DeltaRecord | None:
+        if file_name not in await self._patch_names(file_name):
+            return None
         return await self._store.deltas.find_by_file(file_name)
+
+    async def _patch_names(self, wanted: str) -> set[str]:
+        names = self._names
+        if names is None or (wanted not in names and time.monotonic() - self._names_read_at >= NAMES_REFRESH):
+            changes, read_at = self._changes, time.monotonic()
+            names = await self._store.deltas.file_names()
+            if changes == self._changes:
+                self._names, self._names_read_at = names, read_at
+        return names
+
+    def _patches_changed(self, _file_name: object = None) -> None:
+        self._changes += 1
+        self._names = None
 
     async def file_names(self) -> set[str]:
         return await self._store.deltas.file_names()
@@ -188,9 +212,14 @@ class DeltaCatalog:
                 raise InvalidInput(f"参数无效: {note}")
             return DeltaOutcome(base.id, version, None, note)
         async with self._one_at_a_time:
+            if not explicit:  # auto mode and an on-demand build of the same upload: built once
+                built = [p for p in await self._store.deltas.of_package(package.id) if p.base_package_id == base.id]
+                if built:
+                    return DeltaOutcome(base.id, version, built[0], "built before (name this base to build it again)")
             patch = await self._make(package, base, version, elf)
         if patch is None:
             return DeltaOutcome(base.id, version, None, "the patch would not be smaller than the image")
+        self._patches_changed()
         for listener in self._listeners:
             listener()
         log.info("delta patch %s: package %d from %d (version %s), %d of %d bytes", patch.file_name, package.id,
