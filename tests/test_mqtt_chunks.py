@@ -13,11 +13,11 @@ import struct
 import aiohttp
 import pytest
 
-from tests.conftest import db_query, eventually, make_settings, running_otad
+from tests.conftest import db_query, eventually, free_port, make_settings, running_otad
 from tests.mosquitto import mosquitto  # noqa: F401 (the fixture)
 from tests.mqtt_device import MqttDevice
 from tests.s3 import s3_server  # noqa: F401 (the fixture)
-from tests.rawmqtt import PUBLISH, RawClient, connect_packet, publish_packet, subscribe_packet
+from tests.rawmqtt import PINGREQ, PINGRESP, PUBLISH, RawClient, connect_packet, packet, publish_packet, subscribe_packet
 
 IMAGE = os.urandom(200_000)
 CHUNK = 16 * 1024
@@ -132,6 +132,7 @@ async def test_bad_requests_get_clear_errors_and_the_connection_stays(otad):
         ({"fileName": file_name, "offset": 0, "size": 0}, 1001, "badRequest"),
         ({"fileName": file_name, "offset": "0", "size": 16}, 1001, "badRequest"),
         ({"fileName": file_name, "offset": 0, "size": 16, "id": "x" * 65}, 1001, "badRequest"),
+        ({"fileName": file_name + "x" * 40, "offset": 0, "size": 16}, 1001, "badRequest"),  # over 64: never cut
         ({"fileName": file_name, "offset": 0, "size": 16, "id": "\u00e9t\u00e9"}, 1001, "badRequest"),
         (b"not json at all", 1001, "badRequest"),
         (b"[1, 2]", 1001, "badRequest"),
@@ -208,7 +209,13 @@ class StalledDevice:
         self.sock.settimeout(20)
         self.sock.connect(("127.0.0.1", port))
 
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
     def _exactly(self, count: int) -> bytes:
+        return self._recv_exactly(count)
+
+    def _recv_exactly(self, count: int) -> bytes:
         data = bytearray()
         while len(data) < count:
             part = self.sock.recv(min(count - len(data), 65536))
@@ -225,13 +232,16 @@ class StalledDevice:
             if not byte & 0x80:
                 return length
 
-    def start(self, name: str, password: str, file_name: str) -> None:
-        self.sock.sendall(connect_packet("stalled", name, password))
+    def open_session(self, name: str, password: str, client_id: str = "stalled", qos: int = 0) -> None:
+        self.send(connect_packet(client_id, name, password))
         head = self._exactly(1)
         assert self._exactly(self._packet_length())[1] == 0 and head[0] >> 4 == 2  # CONNACK accepted
-        self.sock.sendall(subscribe_packet(1, [(response_topic(name), 0)]))
+        self.send(subscribe_packet(1, [(response_topic(name), qos)]))
         self._exactly(1), self._exactly(self._packet_length())  # SUBACK
-        self.sock.sendall(publish_packet(request_topic(name), json.dumps(
+
+    def start(self, name: str, password: str, file_name: str) -> None:
+        self.open_session(name, password)
+        self.send(publish_packet(request_topic(name), json.dumps(
             {"fileName": file_name, "offset": 0, "size": BIG}).encode(), 0))
         assert self._exactly(1)[0] >> 4 == PUBLISH  # its chunk started; the rest stays unread
 
@@ -242,9 +252,54 @@ class StalledDevice:
         assert body[2:2 + topic_length].decode() == topic
         return body[2 + topic_length:]
 
+    def next_publish(self, topic: str) -> bytes:
+        """The payload of the next PUBLISH (a QoS 0 one)."""
+        assert self._exactly(1)[0] >> 4 == PUBLISH
+        return self.rest_of_publish(topic)
 
-async def stalled_device(port: int, name: str, password: str, file_name: str) -> StalledDevice:
-    device = StalledDevice(port)
+
+class StalledWebSocketDevice(StalledDevice):
+    """The same over MQTT over WebSocket: a raw handshake, masked binary frames out, and frames
+    in read no further than the MQTT bytes asked for."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n")
+        head = bytearray()
+        while not head.endswith(b"\r\n\r\n"):
+            head += self._recv_exactly(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self._left = 0  # bytes of the current frame's payload not read yet
+
+    def send(self, data: bytes) -> None:
+        mask = os.urandom(4)
+        length = len(data)
+        head = bytes([0x82]) + (bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + struct.pack(">H", length))
+        self.sock.sendall(head + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(data)))
+
+    def _exactly(self, count: int) -> bytes:
+        data = bytearray()
+        while len(data) < count:
+            if not self._left:
+                first, second = self._recv_exactly(2)
+                assert first & 0x0F == 2, "not a binary frame"
+                self._left = second & 0x7F
+                if self._left == 126:
+                    (self._left,) = struct.unpack(">H", self._recv_exactly(2))
+                elif self._left == 127:
+                    (self._left,) = struct.unpack(">Q", self._recv_exactly(8))
+                continue
+            part = self._recv_exactly(min(count - len(data), self._left))
+            self._left -= len(part)
+            data += part
+        return bytes(data)
+
+
+async def stalled_device(port: int, name: str, password: str, file_name: str,
+                         kind: type[StalledDevice] = StalledDevice) -> StalledDevice:
+    device = await asyncio.to_thread(kind, port)
     await asyncio.to_thread(device.start, name, password, file_name)
     return device
 
@@ -252,12 +307,20 @@ async def stalled_device(port: int, name: str, password: str, file_name: str) ->
 LIMITED = {"mqtt.chunk_max_size": BIG, "mqtt.max_packet_size": BIG + 4096, "mqtt.chunk_transfers_per_device": 1}
 
 
-async def test_chunk_transfers_in_flight_are_limited_per_device(tmp_path):
-    async with running_otad(make_settings(tmp_path / "data", **LIMITED)) as otad:
+@pytest.mark.parametrize("transport", ["tcp", "websocket"])
+async def test_chunk_transfers_in_flight_are_limited_per_device(tmp_path, transport):
+    """Over WebSocket too: the chunk waits in otad's WebSocket sender, which pauses the
+    connection's writing, so the slot is held as over TCP (review C2)."""
+    settings = make_settings(tmp_path / "data", **LIMITED, **{"mqtt.ws_port": free_port()})
+    async with running_otad(settings) as otad:
         image = os.urandom(BIG + 1000)
         password, package = await offered_device(otad, image=image)
         file_name = package["fileName"]
-        stalled = await stalled_device(otad.mqtt_port, "node1", password, file_name)
+        if transport == "tcp":
+            stalled = await stalled_device(otad.mqtt_port, "node1", password, file_name)
+        else:
+            stalled = await stalled_device(otad.daemon.mqtt_ws_port, "node1", password, file_name,
+                                           StalledWebSocketDevice)
         assert otad.daemon.services.chunks.in_flight("node1") == 1
 
         device = otad.device("node1", password, client_id="second")
@@ -375,6 +438,27 @@ async def test_chunks_are_read_by_range_from_an_s3_store(tmp_path, s3_server, mo
         await device.close()
 
 
+async def test_requests_pipelined_over_websocket_are_served_one_after_another(tmp_path):
+    """The same over MQTT over WebSocket, from a client with a tiny receive buffer."""
+    settings = make_settings(tmp_path / "data", **{"mqtt.chunk_transfers_per_device": 1,
+                                                   "mqtt.ws_port": free_port()})
+    async with running_otad(settings) as otad:
+        password, package = await offered_device(otad)
+        client = await asyncio.to_thread(StalledWebSocketDevice, otad.daemon.mqtt_ws_port)
+        await asyncio.to_thread(client.open_session, "node1", password, "pipeline")
+        client.send(b"".join(publish_packet(request_topic("node1"), json.dumps(
+            {"fileName": package["fileName"], "offset": offset, "size": CHUNK, "id": offset}).encode(), 0)
+            for offset in range(0, len(IMAGE), CHUNK)))
+        received = bytearray()
+        while len(received) < len(IMAGE):
+            header, data = parse_frame(await asyncio.to_thread(client.next_publish, response_topic("node1")))
+            assert header["success"] is True, header
+            assert header["data"]["id"] == header["data"]["offset"] == len(received)  # in order
+            received += data
+        assert received == IMAGE
+        client.sock.close()
+
+
 async def test_requests_pipelined_on_one_connection_are_served_one_after_another(tmp_path):
     """Backpressure: the next request of a connection is read once its chunk is on its way, so a
     device that sends many at once is paced, never refused as busy (one transfer per device here)."""
@@ -395,6 +479,34 @@ async def test_requests_pipelined_on_one_connection_are_served_one_after_another
             received += data
         assert received == IMAGE
         await client.close()
+
+
+async def test_a_chunk_goes_only_to_the_connection_that_asked_for_it(otad):
+    """A device's second connection, subscribed to the same response topic at QoS 0 and never
+    reading, gets none of the chunks another connection asks for: otad holds no copy for it."""
+    password, package = await offered_device(otad)
+    idle = RawClient(otad.mqtt_port)
+    assert (await idle.connect("idle", "node1", password))[1] == 0
+    assert await idle.subscribe((response_topic("node1"), 0)) == [0]
+    asking = RawClient(otad.mqtt_port)
+    assert (await asking.connect("asking", "node1", password))[1] == 0
+    assert await asking.subscribe((response_topic("node1"), 1)) == [1]
+    received = bytearray()
+    for _ in range(3):  # the whole image, three times over
+        received.clear()
+        while len(received) < len(IMAGE):
+            await asking.publish(request_topic("node1"), json.dumps(
+                {"fileName": package["fileName"], "offset": len(received), "size": CHUNK}).encode())
+            header, data = parse_frame((await asking.message()).payload)
+            assert header["success"] is True
+            received += data
+        assert received == IMAGE
+    # What the idle connection has been sent meanwhile comes before the answer to its PINGREQ: nothing.
+    idle.send(packet(PINGREQ, 0, b""))
+    kind, _, _ = await idle.read()
+    assert kind == PINGRESP
+    await idle.close()
+    await asking.close()
 
 
 async def test_the_delta_patch_a_device_is_offered_comes_over_chunks_too(otad):

@@ -453,6 +453,18 @@ class Broker:
         """An in-process publish, not retained (replies to devices)."""
         self.route(topic, payload, qos)
 
+    def reply(self, connection: MqttConnection, topic: str, payload: bytes, qos: int) -> None:
+        """Send ``payload`` to the session of ``connection`` alone, if it subscribes to ``topic``
+        and still has that connection: the answer to its own request. Another connection of the
+        same device subscribed to ``topic`` gets nothing, so one that never reads cannot make otad
+        hold a copy of every answer (docs/chunks.md)."""
+        session = connection.session
+        if session is None or session.connection is not connection:
+            return
+        granted = self._subscriptions.subscribers_of(topic).get(session)
+        if granted is not None:
+            self.route(topic, payload, qos, {session: granted})
+
     def end_sessions_of(self, username: str) -> int:
         """Disconnect and discard every session (live or persistent) logged in as ``username``."""
         sessions = list(self._by_user.get(username, ()))

@@ -8,9 +8,10 @@ A response is one binary frame, so a device matches the bytes to its request wit
     bytes 3..    the JSON header (UTF-8, M bytes): the envelope {"success","errorCode","errorMsg","data"}
     then         the chunk's bytes: data.size of them (none when success is false)
 
-The embedded broker reads no further packet from the requesting connection until its chunk has
-been routed and the connection's write buffer has drained below the transport's high-water mark:
-the bytes otad holds for a device stay bounded by a chunk or two per connection.
+The embedded broker sends the frame to the requesting connection only (if its session subscribes
+to the response topic) and reads no further packet from that connection until its write buffer has
+drained below the transport's high-water mark: the bytes otad holds for a device stay bounded by a
+chunk or two per connection.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FRAME_VERSION = 1
-_DRAIN_TIMEOUT = 60.0  # seconds a connection without keepalive has to take its chunk
+_DRAIN_TIMEOUT = 60.0  # seconds at most a connection has to take its chunk (less with a shorter keepalive)
 
 
 def frame(reply: ChunkReply) -> bytes:
@@ -62,10 +63,12 @@ class ChunkServer:
         try:
             async with self._chunks.transfer(device, publish[4]) as reply:
                 connection.published(*publish)  # acknowledged (and routed) as any publish
-                self._broker.route(ota_chunk_response_topic(device), frame(reply), 1)
+                # To the requesting connection only: it alone is paced by drained() below.
+                self._broker.reply(connection, ota_chunk_response_topic(device), frame(reply), 1)
                 if reply.data:
                     self._broker.metrics.bytes_served.inc(len(reply.data))
-                    timeout = connection.keepalive or _DRAIN_TIMEOUT
+                    # Capped: a keepalive of 65535 s would otherwise hold the slot for 27 hours.
+                    timeout = min(connection.keepalive or _DRAIN_TIMEOUT, _DRAIN_TIMEOUT)
                     if not await connection.drained(timeout):
                         log.info("MQTT client %s took no chunk bytes for %.0f s: closing", connection.describe(),
                                  timeout)

@@ -174,6 +174,7 @@ class ClientConnection:
         if the connection ends first: the message may or may not have arrived)."""
         if qos == 0:
             self._send(p.publish(topic, payload, 0, 0, retain=retain))
+            await self.drain()  # a slow broker paces QoS 0 senders too
             return
         async with self._inflight:
             packet_id = self._next_id()
@@ -184,6 +185,17 @@ class ClientConnection:
                 await future
             finally:
                 self._waiting.pop(packet_id, None)
+
+    @property
+    def congested(self) -> bool:
+        """Whether what was written and not yet taken by the broker is over the transport's
+        high-water mark (a ``drain`` would wait)."""
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is under its high-water mark; ConnectionError if it ended."""
+        await self._writer.drain()
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
         """Subscribe; return the SUBACK's codes (granted QoS each, or 0x80 refused)."""

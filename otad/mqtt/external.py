@@ -264,7 +264,11 @@ class ExternalBroker:
         connection = message.connection
         try:
             async with self._chunks.transfer(device, message.payload) as reply:
-                if connection.is_open:
+                if not reply.data and connection.congested:
+                    # The broker is not taking what otad writes: a flood of refusals (busy, say)
+                    # would only grow otad's buffer. Dropped; the device times out and asks again.
+                    log.debug("chunk refusal for %s dropped: the broker connection is congested", device)
+                elif connection.is_open:
                     await connection.publish(ota_chunk_response_topic(device), frame(reply),
                                              qos=1 if reply.data else 0)
         except ConnectionError:

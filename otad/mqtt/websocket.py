@@ -2,8 +2,10 @@
 
 The connection sees a transport-like shim: ``write`` queues bytes that one sender task per socket
 sends in order as binary frames, ``pause_reading``/``resume_reading`` stop and restart reading
-frames (so flow control works as over TCP), ``close`` ends the socket once what was written is
-sent. MQTT packets may span frames or share one (MQTT 3.1.1 section 6): the connection parses
+frames, and the shim calls the protocol's ``pause_writing``/``resume_writing`` when what it holds
+(queued, or being sent) passes the high-water mark and falls back under the low one, so flow
+control works both ways as over TCP (a chunk request waits for its chunk to drain: docs/chunks.md).
+``close`` ends the socket once what was written is sent. MQTT packets may span frames or share one (MQTT 3.1.1 section 6): the connection parses
 the byte stream either way.
 """
 
@@ -20,15 +22,20 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "mqtt"
 PATHS = ("/mqtt", "/")  # /mqtt is what paho, mqtt.js and mosquitto's clients ask for by default
+HIGH_WATER, LOW_WATER = 64 * 1024, 16 * 1024  # asyncio's defaults for a TCP transport
 
 
 class WebSocketTransport:
     """What ``MqttConnection`` needs of a transport, over one aiohttp WebSocket."""
 
-    def __init__(self, socket: web.WebSocketResponse, underlying: asyncio.BaseTransport | None) -> None:
+    def __init__(self, socket: web.WebSocketResponse, underlying: asyncio.BaseTransport | None,
+                 protocol: asyncio.Protocol) -> None:
         self._socket = socket
         self._underlying = underlying
+        self._protocol = protocol
         self._outgoing = bytearray()
+        self._sending = 0  # bytes handed to the socket whose send has not returned yet
+        self._writing_paused = False
         self._wake = asyncio.Event()
         self._closing = False
         self.reading = asyncio.Event()
@@ -38,6 +45,18 @@ class WebSocketTransport:
         if not self._closing:
             self._outgoing += data
             self._wake.set()
+            if not self._writing_paused and self.get_write_buffer_size() > HIGH_WATER:
+                self._writing_paused = True
+                self._protocol.pause_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._outgoing) + self._sending
+
+    def _sent(self) -> None:
+        self._sending = 0
+        if self._writing_paused and self.get_write_buffer_size() <= LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()
 
     def close(self) -> None:
         if not self._closing:
@@ -72,7 +91,11 @@ class WebSocketTransport:
                 if self._outgoing:
                     data = bytes(self._outgoing)
                     self._outgoing.clear()
+                    self._sending = len(data)
+                    # Returns once aiohttp's writer drained below its own limit: a peer that does
+                    # not read keeps this (and the protocol's writing) waiting.
                     await self._socket.send_bytes(data)
+                    self._sent()
                 if self._closing and not self._outgoing:
                     break
         except (ConnectionError, RuntimeError) as exc:  # the peer went away mid-send
@@ -106,7 +129,7 @@ def websocket_app(protocol_factory: Callable[[], asyncio.Protocol], max_frame: i
 async def carry(socket: web.WebSocketResponse, underlying: asyncio.BaseTransport | None,
                 protocol: asyncio.Protocol) -> None:
     """Feed ``socket``'s binary frames to ``protocol`` until either side closes."""
-    transport = WebSocketTransport(socket, underlying)
+    transport = WebSocketTransport(socket, underlying, protocol)
     sender = asyncio.create_task(transport.send_until_closed(), name="otad-mqtt-websocket-send")
     protocol.connection_made(transport)  # type: ignore[arg-type]
     try:

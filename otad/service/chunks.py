@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1024  # a request is three small fields and an optional id
 MAX_ID_LENGTH = 64  # as AWS IoT's client token
+MAX_FILE_NAME_LENGTH = 64  # a stored name is 47 characters at most
 TRANSFERS_TOTAL = 256  # chunks being read and sent at once, every device together: bounds memory
 _UNSET = object()
 
@@ -106,14 +107,14 @@ def parse_request(payload: bytes) -> ChunkRequest:
     request_id = body.get("id")
     if request_id is not None and not _is_id(request_id):
         raise _bad(f"id must be a string of at most {MAX_ID_LENGTH} printable ASCII characters or an integer")
-    if not isinstance(file_name, str) or not file_name:
-        raise _bad("fileName must be a non-empty string")
+    if not isinstance(file_name, str) or not file_name or len(file_name) > MAX_FILE_NAME_LENGTH:
+        # Echoed in the reply: a stored name is 47 characters at most, and the header stays small.
+        raise _bad(f"fileName must be a string of 1 to {MAX_FILE_NAME_LENGTH} characters")
     if not _is_count(offset) or offset < 0:
         raise _bad("offset must be an integer, 0 or more")
     if not _is_count(size) or size < 1:
         raise _bad("size must be an integer, 1 or more")
-    # Echoed in the reply: a stored name is 47 characters at most, and the header stays small.
-    return ChunkRequest(file_name[:64], offset, size, request_id)
+    return ChunkRequest(file_name, offset, size, request_id)
 
 
 def _is_count(value: object) -> bool:
