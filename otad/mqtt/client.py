@@ -174,7 +174,10 @@ class ClientConnection:
         if the connection ends first: the message may or may not have arrived)."""
         if qos == 0:
             self._send(p.publish(topic, payload, 0, 0, retain=retain))
-            await self.drain()  # a slow broker paces QoS 0 senders too
+            try:
+                await self.drain()  # a slow broker paces QoS 0 senders too
+            except ConnectionError:
+                pass  # QoS 0: lost with the connection, as it may be in any case
             return
         async with self._inflight:
             packet_id = self._next_id()
