@@ -424,10 +424,21 @@ async def test_a_restart_signs_the_pending_command_again_with_the_current_key(tm
         assert (await otad.enable("fw", "dev1"))[0] == 200  # the device is offline: the command is kept
         new = otad_cli(data, "key", "create").stdout.strip()
         await otad.restart()
-        device = otad.device("dev1", password)
-        assert await device.connect() == 0
-        assert await device.subscribe("/oc/devices/dev1/sys/ota") == [1]
+        device = await _subscribed(otad, password)
         command = json.loads((await device.next_message()).payload)
         await device.close()
-    assert command["kid"] == new != old
+    assert new != old
+    assert_signed_by(command, new, data)
+
+
+def assert_signed_by(command: dict, kid: str, data: Path) -> None:
+    """``command`` (for dev1) carries ``kid`` and verifies with the keys `otad key list` calls valid."""
+    assert command["kid"] == kid
     assert refusal(command, public_keys(data / "keys"), "dev1", time.time()) is None
+
+
+async def _subscribed(otad, password: str):
+    device = otad.device("dev1", password)
+    assert await device.connect() == 0
+    assert await device.subscribe("/oc/devices/dev1/sys/ota") == [1]
+    return device

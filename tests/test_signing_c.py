@@ -42,7 +42,7 @@ int main(int argc, char **argv)
     return 0;
 }
 """
-C_RESULTS = {"ok": 0, "unknown kid": -2, "bad signature": -3, "for another device": -4, "expired": -5,
+C_RESULTS = {"ok": 0, "bad json": -1, "unknown kid": -2, "bad signature": -3, "for another device": -4, "expired": -5,
              "replayed": -6}
 
 
@@ -66,10 +66,12 @@ def _c_verifier(tmp_path: Path) -> Path:
     return binary
 
 
-def c_check(binary: Path, pem: Path, kid: str, message: dict, device: str, now: float, skip: str | None = None,
+def c_check(binary: Path, pem: Path, kid: str, message: dict | str, device: str, now: float, skip: str | None = None,
             last_version: str | None = None) -> int:
+    """otad_verify's answer on ``message`` (a dict, or the JSON text itself)."""
+    text = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
     result = subprocess.run([str(binary), str(pem), kid, device, str(int(now)), skip or "-", last_version or "-"],
-                            input=json.dumps(message, ensure_ascii=False), capture_output=True, text=True, timeout=30)
+                            input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return int(result.stdout)
 
@@ -95,6 +97,12 @@ async def test_the_c_verifier_of_the_docs_accepts_real_messages_and_refuses_forg
     assert c_check(binary, pem, kid, command, "dev1", command["expires"]) == C_RESULTS["expired"]
     assert c_check(binary, pem, kid, command, "dev1", now, last_version=command["version"]) == C_RESULTS["replayed"]
     assert c_check(binary, pem, "0" * 16, command, "dev1", now) == C_RESULTS["unknown kid"]
+    # A second "version" before the signed one: a parser keeping the last would verify, one keeping
+    # the first would act on the forged one. Refused as JSON, before any signature is looked at.
+    twice = '{"version":"forged",' + json.dumps(command)[1:]
+    assert c_check(binary, pem, kid, twice, "dev1", now) == C_RESULTS["bad json"]
+    assert c_check(binary, pem, kid, json.dumps(command)[:-1] + ',"delta":{"size":1,"size":2}}', "dev1", now) == \
+        C_RESULTS["bad json"]
     assert c_check(binary, pem, kid, reply, "dev1", now, skip="url") == C_RESULTS["ok"]
     assert c_check(binary, pem, kid, {**reply, "url": "http://x/y"}, "dev1", now, skip="url") == C_RESULTS["ok"]
     assert c_check(binary, pem, kid, {**reply, "description": "fixes"}, "dev1", now, skip="url") == \

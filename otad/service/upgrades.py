@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from otad.errors import Conflict, InvalidInput, NotFound
 from otad.service.clock import utc_now
 from otad.service.devices import DeviceRegistry
-from otad.service.offers import Offers, ota_command
+from otad.service.offers import Offers
 from otad.service.ports import Publisher
 from otad.model import (OPEN_STATES, TERMINAL_STATES, NewUpgrade, PackageRecord, UpgradeEventRecord, UpgradeRecord,
                         UpgradeState)
@@ -132,23 +132,41 @@ class UpgradeService:
         return started
 
     async def restore_pending(self) -> int:
-        """Keep each device's latest open command again for its next subscribe (after a restart)."""
+        """Keep each device's latest open command again for its next subscribe (after a restart); one
+        whose package is gone is cancelled instead. How many were kept."""
         latest = {upgrade.device_name: upgrade for upgrade in await self._store.rollouts.open_upgrades(OPEN_STATES)}
         by_package: dict[int | None, list[UpgradeRecord]] = {}
         for upgrade in latest.values():
             by_package.setdefault(upgrade.package_id, []).append(upgrade)
+        # An upgrade from before timeouts has none: its command (and a signed one's expiry) gets the
+        # default timeout from now, not a passive reply's lifetime.
+        default_timeout = self.clock() + timedelta(seconds=self._default_timeout)
+        orphans: list[UpgradeRecord] = []
         for package_id, upgrades in by_package.items():
             package = await self._store.repo.find_package_by_id(package_id) if package_id is not None else None
-            if package is None:  # its package is gone: the seed's keys are all there is to say
-                commands = [ota_command(u.file_name, u.version, u.md5) for u in upgrades]
-            else:
-                commands = await self.offers.commands(package, [(u.device_name, u.version, u.timeout_at)
-                                                                for u in upgrades])
+            if package is None:
+                orphans.extend(upgrades)
+                continue
+            commands = await self.offers.commands(package, [(u.device_name, u.version, u.timeout_at or default_timeout)
+                                                            for u in upgrades])
             for upgrade, command in zip(upgrades, commands):
                 await self._publisher.keep_command(upgrade.device_name, command)
-        await self._store.rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED],
+        gone = {u.version for u in orphans}
+        await self._store.rollouts.advance_upgrades([u.version for u in latest.values() if u.state == UpgradeState.CREATED
+                                                     and u.version not in gone],
                                                     UpgradeState.CREATED, UpgradeState.NOTIFIED, self.clock())
-        return len(latest)
+        await self._cancel_orphans(orphans)
+        return len(latest) - len(orphans)
+
+    async def _cancel_orphans(self, orphans: list[UpgradeRecord]) -> None:
+        """Open upgrades whose package is gone (deleted while one was being enabled, or by an older
+        otad that left them open): their file cannot be fetched, and a command rebuilt from the
+        upgrade alone would go out unsigned with signing on. Ended as a package deletion ends them."""
+        for upgrade in orphans:
+            await self.transition(upgrade, UpgradeState.CANCELLED, "server", "package deleted")
+        if orphans:
+            log.warning("%d open upgrade(s) whose package is gone cancelled instead of restored (%s)", len(orphans),
+                        ", ".join(u.version for u in orphans[:5]) + (", ..." if len(orphans) > 5 else ""))
 
     # --- moving on ---
 
