@@ -127,9 +127,11 @@ def firmware_store(settings: Settings) -> FirmwareStore:
 
 
 def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publisher,
-                 clock: Callable[[], datetime] = utc_now, accounts: DeviceCredentials | None = None) -> Services:
+                 clock: Callable[[], datetime] = utc_now, accounts: DeviceCredentials | None = None,
+                 signing_keys: KeyRing | None = None) -> Services:
     """``build_services`` with every argument that comes from the settings taken from them, on the
-    one ``Store`` (the database is open by now: ``open_database``)."""
+    one ``Store`` (the database is open by now: ``open_database``). ``signing_keys``: the key
+    directory the caller re-reads (the daemon's ``KeyRing.watch``); else one read once here."""
     services = build_services(Store(), firmware, publisher, settings.http.max_upload_size,
                               xiaozhi_default_product_id=settings.xiaozhi.default_product_id,
                               upgrade_timeout=settings.upgrade.timeout, clock=clock,
@@ -141,15 +143,16 @@ def services_for(settings: Settings, firmware: FirmwareStore, publisher: Publish
                               delta_scratch_dir=settings.data_dir / "delta-work",
                               auto_delta=settings.firmware.auto_delta)
     if settings.signing.enabled:  # last: the signature covers what every other extension added
-        services.offers.add(signed_offers(settings, clock))
+        services.offers.add(signed_offers(settings, clock, signing_keys))
     return services
 
 
-def signed_offers(settings: Settings, clock: Callable[[], datetime] = utc_now) -> SignedOffers:
+def signed_offers(settings: Settings, clock: Callable[[], datetime] = utc_now,
+                  keys: KeyRing | None = None) -> SignedOffers:
     """The signing extension on the key directory; StartupError (naming `otad key create`) when it
     holds no signing key, so a daemon told to sign never starts sending unsigned commands."""
-    keys = KeyRing(settings.key_dir)
-    keys.signing_key()
+    keys = keys or KeyRing(settings.key_dir)
+    keys.load()  # at start, before anything is served: the only read of it on the event loop
     return SignedOffers(keys, settings.signing.reply_lifetime, clock)
 
 

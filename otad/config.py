@@ -93,6 +93,7 @@ class SigningSettings:
     enabled: bool = False  # commands and passive replies carry kid and sig (docs/signing.md)
     key_dir: Path | None = None  # None: <data_dir>/keys; a shared mount for several nodes
     reply_lifetime: float = 3600.0  # seconds a signed passive reply stays valid (its "expires")
+    key_recheck: float = 5.0  # seconds between re-reads of key_dir (a new `otad key create` key), off the loop
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,7 @@ KEYS: tuple[Key, ...] = (
     Key("signing.enabled", _parse_bool, False, qualified=True),
     Key("signing.key_dir", _parse_path, None, qualified=True),
     Key("signing.reply_lifetime", _parse_reply_lifetime, 3600.0, qualified=True),
+    Key("signing.key_recheck", _parse_positive_float, 5.0, qualified=True),
     Key("api.always_http_200", _parse_bool, False),
     Key("upgrade.timeout", _parse_positive_float, 24 * 3600.0, qualified=True),
     Key("upgrade.timeline_limit", _parse_positive_int, 100, qualified=True),
@@ -516,8 +518,11 @@ CHUNK_FRAME_OVERHEAD = 1024
 
 
 def _check_chunks(values: Mapping[str, Any]) -> None:
-    """A chunk's packet must fit the largest packet the broker takes (and a device expects)."""
-    if values["mqtt.chunk_max_size"] + CHUNK_FRAME_OVERHEAD > values["mqtt.max_packet_size"]:
+    """A chunk's packet must fit the largest packet the embedded broker takes (and a device
+    expects). In external mode mqtt.max_packet_size is not used: the broker's own limit
+    (mosquitto's message_size_limit, EMQX's max_packet_size) applies, and docs/chunks.md says so."""
+    if values["mqtt.mode"] == "embedded" \
+            and values["mqtt.chunk_max_size"] + CHUNK_FRAME_OVERHEAD > values["mqtt.max_packet_size"]:
         raise ConfigError(f"mqtt.chunk_max_size ({values['mqtt.chunk_max_size']}) must leave "
                           f"{CHUNK_FRAME_OVERHEAD} bytes for the frame within mqtt.max_packet_size "
                           f"({values['mqtt.max_packet_size']})")
@@ -599,7 +604,8 @@ def load_settings(
         firmware=FirmwareSettings(url=values["firmware.url"], s3_endpoint=values["firmware.s3_endpoint"],
                                   auto_delta=values["firmware.auto_delta"]),
         signing=SigningSettings(enabled=values["signing.enabled"], key_dir=values["signing.key_dir"],
-                                reply_lifetime=values["signing.reply_lifetime"]),
+                                reply_lifetime=values["signing.reply_lifetime"],
+                                key_recheck=values["signing.key_recheck"]),
         api=ApiSettings(always_http_200=values["api.always_http_200"]),
         upgrade=UpgradeSettings(timeout=values["upgrade.timeout"], timeline_limit=values["upgrade.timeline_limit"]),
         xiaozhi=XiaozhiSettings(

@@ -35,6 +35,7 @@ from otad.mqtt.server import EmbeddedBroker
 from otad.service import Services
 from otad.service.clock import utc_now
 from otad.service.health import DATABASE, FIRMWARE
+from otad.signing_keys import KeyRing
 from otad.store.failures import storage_failure
 from otad.tls import Certificates
 from otad.web import install as install_dashboard
@@ -84,6 +85,8 @@ class Daemon:
         self.certificates = Certificates()  # of every TLS listener; reload() on SIGHUP
         self._logins_seen: float | None = None  # login_marker's mtime when last looked at
         self.node: ClusterNode | SoleNode = SoleNode()  # the leader, or one of several (PostgreSQL)
+        # Re-read every signing.key_recheck seconds in a thread (KeyRing.watch), never per message.
+        self.signing_keys = KeyRing(settings.key_dir) if settings.signing.enabled else None
 
     @property
     def http_port(self) -> int:
@@ -128,7 +131,11 @@ class Daemon:
         log.info("firmware store: %s", firmware.describe())
         accounts = device_accounts(settings)
         self._stack.push_async_callback(accounts.close)
-        self.services = services = services_for(settings, firmware, self._broker, self._clock, accounts)
+        self.services = services = services_for(settings, firmware, self._broker, self._clock, accounts,
+                                                self.signing_keys)
+        if self.signing_keys is not None:
+            keys = asyncio.create_task(self.signing_keys.watch(settings.signing.key_recheck), name="otad-signing-keys")
+            self._stack.push_async_callback(_cancel, keys)
         self._stack.callback(services.admins.close)  # the password-hashing threads, last
         self._stack.push_async_callback(services.deltas.aclose)  # a patch being built, before the database
         services.health.add_probe(DATABASE, services.health.probe_database)

@@ -9,13 +9,16 @@ The directory (``signing.key_dir``, else ``<data_dir>/keys``) holds::
     retired/<kid>.pem   the public key of a retired key, kept for the record (its private key is deleted)
 
 No database: several nodes can share the directory over one mount, and a key made by ``otad key
-create`` next to a running daemon is picked up by it (``KeyRing.signing_key`` notices the change
-of ``signing``). A key id is the first 16 hex digits of the SHA-256 of its public key's DER
-SubjectPublicKeyInfo, so anyone holding the public key can work it out.
+create`` next to a running daemon is picked up by it: the daemon's ``KeyRing.watch`` re-reads
+``signing`` every ``signing.key_recheck`` seconds in a thread (a shared mount may be slow or hang,
+so never on the event loop), and ``KeyRing.signing_key`` answers from memory. A key id is the first
+16 hex digits of the SHA-256 of its public key's DER SubjectPublicKeyInfo, so anyone holding the
+public key can work it out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -81,12 +84,37 @@ class KeyRing:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._loaded: tuple[tuple[int, int, int], FileKey] | None = None  # (stat of `signing`, its key)
+        self._refused: tuple[int, int, int] | None = None  # a `signing` that could not be read, warned about
 
     # --- the daemon's side: the Signer port ---
 
     def signing_key(self) -> FileKey:
-        """The key that signs now; re-read when `otad key create` changed it (one stat a call).
+        """The key that signs now, from memory: no file is touched once a key is loaded (``load``
+        at start, then ``reload``/``watch``), so signing never waits on the key directory's disk.
         StartupError when there is none."""
+        if self._loaded is not None:
+            return self._loaded[1]
+        return self.load()  # the first use only: the composition root loads it at start
+
+    async def reload(self) -> FileKey:
+        """Read the key directory again, in a thread (a shared mount can be slow or hang), and sign
+        with the key `otad key create` made since, if any."""
+        return await asyncio.to_thread(self.load)
+
+    async def watch(self, interval: float) -> None:
+        """Forever: ``reload`` every ``interval`` seconds; a failure is logged, the loaded key kept."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("re-reading the signing keys in %s failed; still signing with the loaded one",
+                              self.directory)
+
+    def load(self) -> FileKey:
+        """The signing key as the directory says now: one stat of ``signing``, the PEM read only
+        when it changed. Blocking file I/O: on the event loop only at start (else ``reload``).
+        StartupError when there is none and none was loaded before."""
         try:
             stat = (self.directory / _SIGNING).stat()
             marker = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -102,8 +130,10 @@ class KeyRing:
         except StartupError:
             if self._loaded is None:
                 raise
-            log.warning("the signing key in %s changed but cannot be read; still signing with %s",
-                        self.directory, self._loaded[1].kid)
+            if marker != self._refused:  # tried again at every re-read, said once
+                self._refused = marker
+                log.warning("the signing key in %s changed but cannot be read; still signing with %s",
+                            self.directory, self._loaded[1].kid)
             return self._loaded[1]
         if self._loaded is not None and self._loaded[1].kid != key.kid:
             log.info("signing with key %s (was %s)", key.kid, self._loaded[1].kid)

@@ -356,6 +356,10 @@ def test_chunk_size_must_fit_the_packet_size():
         load_settings({"mqtt": {"chunk_max_size": "1MiB"}}, {}, {})
     settings = load_settings({}, {"OTAD_CHUNK_MAX_SIZE": "4096", "OTAD_CHUNK_TRANSFERS_PER_DEVICE": "3"}, {})
     assert (settings.mqtt.chunk_max_size, settings.mqtt.chunk_transfers_per_device) == (4096, 3)
+    # External mode: the broker's own packet limit applies, not the embedded mqtt.max_packet_size.
+    external = load_settings({"mqtt": {"chunk_max_size": "1MiB", "mode": "external",
+                                       "external_url": "mqtt://otad:secret@127.0.0.1:1883"}}, {}, {})
+    assert external.mqtt.chunk_max_size == 1024**2
 
 
 async def test_chunks_through_mosquitto_in_external_mode(tmp_path, mosquitto):

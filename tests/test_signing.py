@@ -5,6 +5,7 @@ real embedded broker and the real HTTP API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -340,8 +341,9 @@ async def test_rotation_signs_with_the_new_key_while_the_old_one_still_verifies(
         await otad.upload("fw", 7, FIRMWARE)
         first = await _pushed(otad, device)
         assert first["kid"] == old
-        # A running daemon picks up a key made beside it.
+        # A running daemon picks up a key made beside it (within signing.key_recheck; here at once).
         new = otad_cli(data, "key", "create").stdout.strip()
+        await otad.daemon.signing_keys.reload()
         second = await _pushed(otad, device)
         await device.close()
     assert second["kid"] == new != old
@@ -435,6 +437,41 @@ def assert_signed_by(command: dict, kid: str, data: Path) -> None:
     """``command`` (for dev1) carries ``kid`` and verifies with the keys `otad key list` calls valid."""
     assert command["kid"] == kid
     assert refusal(command, public_keys(data / "keys"), "dev1", time.time()) is None
+
+
+async def test_signing_reads_no_key_file_until_the_key_directory_is_read_again(tmp_path):
+    data = tmp_path / "data"
+    old = otad_cli(data, "key", "create").stdout.strip()
+    settings = make_settings(data, **{"signing.enabled": True, "signing.key_recheck": 3600})
+    async with running_otad(settings) as otad:
+        device = await _connected(otad)
+        await otad.upload("fw", 7, FIRMWARE)
+        assert (await _pushed(otad, device))["kid"] == old
+        new = KeyRing(data / "keys").create().kid
+        # Signing answers from memory: the key file changed on disk, the command did not.
+        assert (await _pushed(otad, device))["kid"] == old
+        assert (await otad.daemon.signing_keys.reload()).kid == new  # what the daemon's re-read does, in a thread
+        command = await _pushed(otad, device)
+        await device.close()
+    assert new != old
+    assert_signed_by(command, new, data)
+
+
+async def test_the_daemon_reads_the_key_directory_again_by_itself(tmp_path):
+    data = tmp_path / "data"
+    old = otad_cli(data, "key", "create").stdout.strip()
+    settings = make_settings(data, **{"signing.enabled": True, "signing.key_recheck": 0.1})
+    async with running_otad(settings) as otad:
+        new = otad_cli(data, "key", "create").stdout.strip()
+        for _ in range(300):  # a bounded wait: 30 s at most
+            if otad.daemon.signing_keys.signing_key().kid == new:
+                break
+            await asyncio.sleep(0.1)
+        device = await _connected(otad)
+        await otad.upload("fw", 7, FIRMWARE)
+        command = await _pushed(otad, device)
+        await device.close()
+    assert command["kid"] == new != old
 
 
 async def _subscribed(otad, password: str):

@@ -41,7 +41,8 @@ class Signer(Protocol):
     """Where the signing key comes from (``otad.signing_keys.KeyRing``)."""
 
     def signing_key(self) -> SigningKey:
-        """The key that signs now (it changes after `otad key create`)."""
+        """The key that signs now, from memory: called on the event loop for every batch, so it
+        touches no file (the daemon re-reads the key directory in a thread: ``KeyRing.watch``)."""
 
 
 def canonical_form(fields: Mapping[str, Any], unsigned: frozenset[str] = frozenset()) -> bytes:
@@ -95,7 +96,7 @@ class SignedOffers:
         self._clock = clock
 
     async def extend(self, package: PackageRecord, offers: list[Offer]) -> None:
-        key = self._signer.signing_key()  # once for the batch: one kid across a campaign step
+        key = self._signer.signing_key()  # once for the batch (one kid across a campaign step), from memory
         now = self._clock()
         for done, offer in enumerate(offers, 1):
             self.sign(key, package, offer, now)
