@@ -31,8 +31,9 @@ from tests.postgres import fresh_database, postgres_url  # noqa: F401  (fixture)
 
 TAKEOVER = 10.0  # seconds the issue allows between the leader's death and another node leading
 # A change reaches the other nodes' caches after the answer to it (NOTIFY is sent once committed):
-# milliseconds, bounded here by what an operator would call at once.
-SPREAD = 1.0
+# milliseconds on a quiet machine. The bound is for a change that never arrives, not a speed claim
+# (1 s failed once in CI: two nodes, PostgreSQL, mosquitto and the tests on 2 cores).
+SPREAD = 10.0
 
 
 def _cli(data_dir: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
