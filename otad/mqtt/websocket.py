@@ -5,8 +5,8 @@ sends in order as binary frames, ``pause_reading``/``resume_reading`` stop and r
 frames, and the shim calls the protocol's ``pause_writing``/``resume_writing`` when what it holds
 (queued, or being sent) passes the high-water mark and falls back under the low one, so flow
 control works both ways as over TCP (a chunk request waits for its chunk to drain: docs/chunks.md).
-``close`` ends the socket once what was written is sent. MQTT packets may span frames or share one (MQTT 3.1.1 section 6): the connection parses
-the byte stream either way.
+``close`` ends the socket once what was written is sent. MQTT packets may span frames or share
+one (MQTT 3.1.1 section 6): the connection parses the byte stream either way.
 """
 
 from __future__ import annotations

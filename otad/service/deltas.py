@@ -200,9 +200,9 @@ class DeltaCatalog:
         return package
 
     async def _earlier(self, package: PackageRecord) -> list[PackageRecord]:
-        earlier = [p for p in await self._store.repo.list_packages()
-                   if p.product_id == package.product_id and p.id < package.id]
-        return sorted(earlier, key=lambda p: p.id, reverse=True)[:AUTO_BASES]
+        # The product's packages come oldest first (by id) from the store's own product query.
+        earlier = [p for p in await self._store.deltas.product_packages(package.product_id) if p.id < package.id]
+        return earlier[::-1][:AUTO_BASES]
 
     async def _build_from(self, package: PackageRecord, base: PackageRecord, explicit: bool) -> DeltaOutcome:
         version, elf = await self._bases.identity(base)
